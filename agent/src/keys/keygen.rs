@@ -1,0 +1,438 @@
+//! `iotcred keygen`: a new device key and a PKCS#10 CSR for it.
+//!
+//! In a token the key pair is generated inside it (`C_GenerateKeyPair`), the private half
+//! `CKA_SENSITIVE`, not `CKA_EXTRACTABLE`, `CKA_PRIVATE`, `CKA_TOKEN`, sign-only; the CSR is
+//! signed by the token. To a file, an EC P-256 key is written as PKCS#8 PEM with mode 0600 from
+//! the moment the file exists.
+
+use std::fs::OpenOptions;
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
+
+use cryptoki::mechanism::Mechanism;
+use cryptoki::object::{Attribute, ObjectClass, ObjectHandle};
+use cryptoki::session::Session;
+use rcgen::{CertificateParams, DistinguishedName, DnType, PublicKeyData, SignatureAlgorithm};
+use rustls::SignatureScheme;
+
+use super::der;
+use super::pkcs11::{self, KeyKind};
+use super::{KeyError, KeySource, Pkcs11Uri};
+
+/// The kind of key `keygen` makes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Algorithm {
+    /// ECDSA P-256 (the default).
+    #[default]
+    EcP256,
+    /// RSA 2048 (tokens only: ring cannot generate RSA keys).
+    Rsa2048,
+}
+
+impl std::str::FromStr for Algorithm {
+    type Err = KeyError;
+    fn from_str(s: &str) -> Result<Self, KeyError> {
+        match s {
+            "ec-p256" => Ok(Algorithm::EcP256),
+            "rsa-2048" => Ok(Algorithm::Rsa2048),
+            _ => Err(KeyError::Keygen(format!(
+                "unknown algorithm \"{s}\": use ec-p256 or rsa-2048"
+            ))),
+        }
+    }
+}
+
+/// Generates a key at `src` and returns a PEM CSR for `subject` (e.g. `CN=gateway-0042,O=Example`)
+/// signed by it. An existing key (same label or id in the token, or an existing file) is refused
+/// unless `overwrite`, which destroys it first.
+pub fn keygen(
+    src: &KeySource,
+    subject: &str,
+    algorithm: Algorithm,
+    overwrite: bool,
+) -> Result<String, KeyError> {
+    let params = csr_params(subject)?;
+    match src {
+        KeySource::Pem(path) => keygen_pem(path, &params, algorithm, overwrite),
+        KeySource::Pkcs11(uri) => keygen_token(uri, &params, algorithm, overwrite),
+    }
+}
+
+fn csr_params(subject: &str) -> Result<CertificateParams, KeyError> {
+    let mut params = CertificateParams::default();
+    params.distinguished_name = parse_dn(subject)?;
+    Ok(params)
+}
+
+fn rcgen_err(e: rcgen::Error) -> KeyError {
+    KeyError::Keygen(format!("cannot build the CSR: {e}"))
+}
+
+/// Parses `CN=a,O=b` (RFC 4514 order and `\,` escapes; types CN, O, OU, C, ST, L).
+fn parse_dn(subject: &str) -> Result<DistinguishedName, KeyError> {
+    let bad = |detail: String| KeyError::InvalidSubject {
+        subject: subject.to_owned(),
+        detail,
+    };
+    let mut parts = Vec::new();
+    let mut cur = String::new();
+    let mut chars = subject.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' => match chars.next() {
+                Some(n) => cur.push(n),
+                None => return Err(bad("ends with a lone backslash".into())),
+            },
+            ',' => parts.push(std::mem::take(&mut cur)),
+            c => cur.push(c),
+        }
+    }
+    parts.push(cur);
+    let mut dn = DistinguishedName::new();
+    let mut seen = Vec::new();
+    for part in parts {
+        let Some((ty, value)) = part.split_once('=') else {
+            return Err(bad(format!("\"{}\" is not TYPE=value", part.trim())));
+        };
+        let ty = ty.trim();
+        let value = value.trim();
+        if value.is_empty() {
+            return Err(bad(format!("{ty} has an empty value")));
+        }
+        let dn_type = match ty.to_ascii_uppercase().as_str() {
+            "CN" => DnType::CommonName,
+            "O" => DnType::OrganizationName,
+            "OU" => DnType::OrganizationalUnitName,
+            "C" => DnType::CountryName,
+            "ST" => DnType::StateOrProvinceName,
+            "L" => DnType::LocalityName,
+            _ => {
+                return Err(bad(format!(
+                    "unsupported attribute type \"{ty}\" (use CN, O, OU, C, ST, L)"
+                )));
+            }
+        };
+        if seen.contains(&dn_type) {
+            return Err(bad(format!("{ty} is given twice")));
+        }
+        seen.push(dn_type.clone());
+        dn.push(dn_type, value);
+    }
+    Ok(dn)
+}
+
+// ---- PEM file ----
+
+fn keygen_pem(
+    path: &Path,
+    params: &CertificateParams,
+    algorithm: Algorithm,
+    overwrite: bool,
+) -> Result<String, KeyError> {
+    if algorithm == Algorithm::Rsa2048 {
+        return Err(KeyError::Keygen(
+            "RSA keys can only be generated inside a PKCS#11 token; for a file use ec-p256 \
+             (or make one with `openssl genpkey -algorithm RSA -pkeyopt rsa_keygen_bits:2048`)"
+                .into(),
+        ));
+    }
+    if !overwrite && path.symlink_metadata().is_ok() {
+        return Err(KeyError::KeyExists(format!("key file {}", path.display())));
+    }
+    let kp = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(rcgen_err)?;
+    let csr = params.serialize_request(&kp).map_err(rcgen_err)?;
+    let pem = zeroize::Zeroizing::new(kp.serialize_pem());
+    write_private(path, pem.as_bytes(), overwrite)?;
+    csr.pem().map_err(rcgen_err)
+}
+
+/// Writes `data` to `path` with mode 0600, never visible with a wider mode: created with
+/// `O_EXCL`; with `overwrite`, a fresh temporary file in the same directory renamed over it.
+fn write_private(path: &Path, data: &[u8], overwrite: bool) -> Result<(), KeyError> {
+    let werr = |source| KeyError::WriteKey {
+        path: path.to_owned(),
+        source,
+    };
+    let create = |p: &Path| {
+        OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(p)
+    };
+    if !overwrite {
+        let mut f = create(path).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::AlreadyExists {
+                KeyError::KeyExists(format!("key file {}", path.display()))
+            } else {
+                werr(e)
+            }
+        })?;
+        f.write_all(data)
+            .and_then(|()| f.sync_all())
+            .map_err(werr)?;
+        return Ok(());
+    }
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_owned(),
+        _ => std::path::PathBuf::from("."),
+    };
+    let name = path
+        .file_name()
+        .ok_or_else(|| werr(std::io::Error::other("not a file name")))?
+        .to_string_lossy()
+        .into_owned();
+    let mut rnd = [0u8; 8];
+    getrandom::fill(&mut rnd).map_err(|e| werr(std::io::Error::other(e.to_string())))?;
+    let tmp = dir.join(format!(
+        ".{name}.tmp-{}-{:016x}",
+        std::process::id(),
+        u64::from_le_bytes(rnd)
+    ));
+    let result = (|| {
+        let mut f = create(&tmp)?;
+        f.write_all(data)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result.map_err(werr)
+}
+
+// ---- PKCS#11 token ----
+
+fn keygen_token(
+    uri: &Pkcs11Uri,
+    params: &CertificateParams,
+    algorithm: Algorithm,
+    overwrite: bool,
+) -> Result<String, KeyError> {
+    if uri.object.is_none() && uri.id.is_none() {
+        return Err(KeyError::Keygen(
+            "the pkcs11: URI needs object= (a label) or id= so the agent can find the key again"
+                .into(),
+        ));
+    }
+    let module = uri.module_path.clone().ok_or(KeyError::MissingModulePath)?;
+    let ctx = pkcs11::load_module(&module)?;
+    let (label, slot) = pkcs11::find_token(&ctx, uri, &module)?;
+    let pin = pkcs11::read_pin(uri)?;
+    let session = pkcs11::open_logged_in(&ctx, slot, &label, pin.as_ref(), true)?;
+    let ck = |op: &'static str| {
+        move |e: cryptoki::error::Error| KeyError::Pkcs11 {
+            op,
+            detail: e.to_string(),
+        }
+    };
+
+    let existing = existing_objects(&session, uri).map_err(ck("C_FindObjects"))?;
+    if !existing.is_empty() {
+        if !overwrite {
+            return Err(KeyError::KeyExists(format!(
+                "a key with {} in token \"{label}\"",
+                uri.object_selector()
+            )));
+        }
+        for h in existing {
+            session.destroy_object(h).map_err(ck("C_DestroyObject"))?;
+        }
+        tracing::debug!(token = %label, "destroyed the old key objects");
+    }
+
+    let mut common = vec![Attribute::Token(true)];
+    if let Some(l) = &uri.object {
+        common.push(Attribute::Label(l.as_bytes().to_vec()));
+    }
+    if let Some(id) = &uri.id {
+        common.push(Attribute::Id(id.clone()));
+    }
+    let mut public = common.clone();
+    public.extend([Attribute::Private(false), Attribute::Verify(true)]);
+    let mut private = common;
+    private.extend([
+        Attribute::Private(true),
+        Attribute::Sensitive(true),
+        Attribute::Extractable(false),
+        Attribute::Sign(true),
+        Attribute::Decrypt(false),
+        Attribute::Derive(false),
+    ]);
+    let mechanism = match algorithm {
+        Algorithm::EcP256 => {
+            public.push(Attribute::EcParams(der::OID_P256.to_vec()));
+            Mechanism::EccKeyPairGen
+        }
+        Algorithm::Rsa2048 => {
+            public.extend([
+                Attribute::ModulusBits(2048u64.into()),
+                Attribute::PublicExponent(vec![0x01, 0x00, 0x01]),
+            ]);
+            Mechanism::RsaPkcsKeyPairGen
+        }
+    };
+    let (pub_h, priv_h) = session
+        .generate_key_pair(&mechanism, &public, &private)
+        .map_err(ck("C_GenerateKeyPair"))?;
+
+    let (kind, spki) = pkcs11::describe_key(&session, priv_h, &uri.object_selector(), &label)?;
+    if uri.id.is_none() {
+        // Like pkcs11-tool and OpenSSH: an id derived from the public key.
+        let id = ring::digest::digest(&ring::digest::SHA256, &spki).as_ref()[..20].to_vec();
+        for h in [pub_h, priv_h] {
+            session
+                .update_attributes(h, &[Attribute::Id(id.clone())])
+                .map_err(ck("C_SetAttributeValue"))?;
+        }
+    }
+    tracing::debug!(token = %label, ?kind, "generated a key pair in the token");
+
+    let signer = TokenCsrKey::new(&session, priv_h, kind, &spki)?;
+    let csr = params.serialize_request(&signer).map_err(rcgen_err)?;
+    csr.pem().map_err(rcgen_err)
+}
+
+/// Key objects (private or public) that carry the URI's label or id.
+fn existing_objects(
+    session: &Session,
+    uri: &Pkcs11Uri,
+) -> Result<Vec<ObjectHandle>, cryptoki::error::Error> {
+    let mut found = Vec::new();
+    for class in [ObjectClass::PRIVATE_KEY, ObjectClass::PUBLIC_KEY] {
+        let mut templates = Vec::new();
+        if let Some(l) = &uri.object {
+            templates.push(vec![
+                Attribute::Class(class),
+                Attribute::Label(l.as_bytes().to_vec()),
+            ]);
+        }
+        if let Some(id) = &uri.id {
+            templates.push(vec![Attribute::Class(class), Attribute::Id(id.clone())]);
+        }
+        for t in templates {
+            for h in session.find_objects(&t)? {
+                if !found.contains(&h) {
+                    found.push(h);
+                }
+            }
+        }
+    }
+    Ok(found)
+}
+
+/// The token key as an rcgen signer, for the CSR.
+struct TokenCsrKey<'a> {
+    session: &'a Session,
+    key: ObjectHandle,
+    kind: KeyKind,
+    public: Vec<u8>,
+    alg: &'static SignatureAlgorithm,
+    scheme: SignatureScheme,
+}
+
+impl<'a> TokenCsrKey<'a> {
+    fn new(
+        session: &'a Session,
+        key: ObjectHandle,
+        kind: KeyKind,
+        spki: &[u8],
+    ) -> Result<Self, KeyError> {
+        let (public, alg, scheme) = match der::parse_spki(spki) {
+            Some(der::SpkiKey::Ec { point, .. }) if kind == KeyKind::EcP256 => (
+                point.to_vec(),
+                &rcgen::PKCS_ECDSA_P256_SHA256,
+                SignatureScheme::ECDSA_NISTP256_SHA256,
+            ),
+            Some(der::SpkiKey::Ec { point, .. }) if kind == KeyKind::EcP384 => (
+                point.to_vec(),
+                &rcgen::PKCS_ECDSA_P384_SHA384,
+                SignatureScheme::ECDSA_NISTP384_SHA384,
+            ),
+            Some(der::SpkiKey::Rsa { public_key, .. }) => (
+                public_key.to_vec(),
+                &rcgen::PKCS_RSA_SHA256,
+                SignatureScheme::RSA_PKCS1_SHA256,
+            ),
+            _ => {
+                return Err(KeyError::Keygen(
+                    "cannot read the generated public key".into(),
+                ));
+            }
+        };
+        Ok(TokenCsrKey {
+            session,
+            key,
+            kind,
+            public,
+            alg,
+            scheme,
+        })
+    }
+}
+
+impl PublicKeyData for TokenCsrKey<'_> {
+    fn der_bytes(&self) -> &[u8] {
+        &self.public
+    }
+
+    fn algorithm(&self) -> &'static SignatureAlgorithm {
+        self.alg
+    }
+}
+
+impl rcgen::SigningKey for TokenCsrKey<'_> {
+    fn sign(&self, msg: &[u8]) -> Result<Vec<u8>, rcgen::Error> {
+        pkcs11::sign_once(self.session, self.key, self.kind, self.scheme, msg).map_err(|e| {
+            tracing::warn!(error = %e, "signing the CSR in the token failed");
+            rcgen::Error::RemoteKeyError
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn dn_parsing() {
+        let dn = parse_dn("CN=gateway-0042, O=Example\\, Inc.,C=DE").unwrap();
+        assert_eq!(
+            dn.get(&DnType::OrganizationName),
+            Some(&rcgen::DnValue::Utf8String("Example, Inc.".into()))
+        );
+        assert!(dn.get(&DnType::CommonName).is_some());
+        for bad in ["", "CN", "CN=", "XX=1", "CN=a,CN=b", "CN=a\\"] {
+            let e = parse_dn(bad).unwrap_err();
+            assert!(matches!(e, KeyError::InvalidSubject { .. }), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn pem_keygen_writes_0600_and_refuses_overwrite() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("device.key");
+        let src = KeySource::Pem(path.clone());
+        let csr = keygen(&src, "CN=gw", Algorithm::EcP256, false).unwrap();
+        assert!(csr.starts_with("-----BEGIN CERTIFICATE REQUEST-----"));
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        let first = std::fs::read(&path).unwrap();
+        let e = keygen(&src, "CN=gw", Algorithm::EcP256, false).unwrap_err();
+        assert!(matches!(e, KeyError::KeyExists(_)), "{e}");
+        assert_eq!(std::fs::read(&path).unwrap(), first);
+        keygen(&src, "CN=gw", Algorithm::EcP256, true).unwrap();
+        assert_ne!(std::fs::read(&path).unwrap(), first);
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        // Only the key is left in the directory (no temporary files).
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+        // And it loads.
+        super::super::load_signing_key(&src).unwrap();
+        let e = keygen(&src, "CN=gw", Algorithm::Rsa2048, true).unwrap_err();
+        assert!(e.to_string().contains("RSA"), "{e}");
+    }
+}

@@ -1,0 +1,22 @@
+//! iotcred agent library: everything behind the `iotcred` binary.
+//!
+//! The protocol and the refresh schedule live in `iotcred-core`; this crate adds the I/O around
+//! them: configuration, mutual TLS with file or PKCS#11 keys, the refresher tasks, the local HTTP
+//! server, file sinks and the command-line tools.
+
+pub mod client;
+pub mod commands;
+pub mod daemon;
+pub mod config;
+pub mod keys;
+pub mod metrics;
+pub mod refresh;
+pub mod sdnotify;
+pub mod server;
+pub mod sinks;
+pub mod state;
+pub mod tls;
+pub mod upstream;
+
+/// `User-Agent` sent upstream.
+pub const USER_AGENT: &str = concat!("iotcred/", env!("CARGO_PKG_VERSION"));

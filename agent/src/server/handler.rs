@@ -1,0 +1,356 @@
+//! Routing and answers of SPEC §4.1.
+//!
+//! Order of checks: (TCP only) 400 for a non-loopback `Host` or any `X-Forwarded-For` → 405 for
+//! anything but `GET` → 404 for an unknown route or role → 401 (TCP: token) / 403 (socket: peer
+//! credentials) → 503 when no credentials can be served. The query string and any request body
+//! are ignored.
+
+use std::net::Ipv4Addr;
+
+use bytes::Buf;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::header::{self, HeaderMap, HeaderValue};
+use hyper::{Method, Request, Response, StatusCode};
+use iotcred_core::render::Format;
+use iotcred_core::UnixTime;
+use subtle::ConstantTimeEq;
+use tokio::time::Instant;
+use zeroize::Zeroizing;
+
+use super::Shared;
+use crate::metrics::Route;
+use crate::state::{RoleHandle, RoleHealth};
+
+/// Who is on the other end of a connection.
+#[derive(Clone, Copy, Debug)]
+pub(super) enum Peer {
+    /// The loopback TCP listener: token authorization, `Host` checks.
+    Tcp,
+    /// The Unix socket, with the peer's credentials (`SO_PEERCRED`) when the kernel gave them.
+    Unix { uid: Option<u32>, gid: Option<u32> },
+}
+
+/// A response body chunk: static text, owned bytes, or secret bytes zeroized on drop.
+#[derive(Debug)]
+pub(super) enum Chunk {
+    Static(&'static [u8]),
+    Owned(Vec<u8>, usize),
+    Secret(Zeroizing<Vec<u8>>, usize),
+}
+
+impl Buf for Chunk {
+    fn remaining(&self) -> usize {
+        match self {
+            Chunk::Static(s) => s.len(),
+            Chunk::Owned(v, pos) => v.len() - pos,
+            Chunk::Secret(v, pos) => v.len() - pos,
+        }
+    }
+
+    fn chunk(&self) -> &[u8] {
+        match self {
+            Chunk::Static(s) => s,
+            Chunk::Owned(v, pos) => &v[*pos..],
+            Chunk::Secret(v, pos) => &v[*pos..],
+        }
+    }
+
+    fn advance(&mut self, cnt: usize) {
+        match self {
+            Chunk::Static(s) => *s = &s[cnt.min(s.len())..],
+            Chunk::Owned(v, pos) => *pos = (*pos + cnt).min(v.len()),
+            Chunk::Secret(v, pos) => *pos = (*pos + cnt).min(v.len()),
+        }
+    }
+}
+
+pub(super) type Body = Full<Chunk>;
+
+const JSON: HeaderValue = HeaderValue::from_static("application/json");
+const NO_STORE: HeaderValue = HeaderValue::from_static("no-store");
+const PROMETHEUS: HeaderValue = HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8");
+
+/// Answers one request; never fails (every problem is an HTTP error response).
+pub(super) async fn handle(shared: &Shared, peer: Peer, req: Request<Incoming>) -> Response<Body> {
+    let (route, resp) = route(shared, peer, &req).await;
+    shared.state.metrics.request(route, resp.status().as_u16());
+    resp
+}
+
+enum Target<'a> {
+    Credentials(Option<&'a str>),
+    Health,
+    Metrics,
+}
+
+fn target(path: &str) -> Option<Target<'_>> {
+    match path {
+        "/v1/credentials" => Some(Target::Credentials(None)),
+        "/v1/health" => Some(Target::Health),
+        "/v1/metrics" => Some(Target::Metrics),
+        _ => path
+            .strip_prefix("/v1/credentials/")
+            .filter(|r| !r.is_empty() && !r.contains('/'))
+            .map(|r| Target::Credentials(Some(r))),
+    }
+}
+
+async fn route(shared: &Shared, peer: Peer, req: &Request<Incoming>) -> (Route, Response<Body>) {
+    let target = target(req.uri().path());
+    let route = match target {
+        Some(Target::Credentials(_)) => Route::Credentials,
+        Some(Target::Health) => Route::Health,
+        Some(Target::Metrics) => Route::Metrics,
+        None => Route::Other,
+    };
+    if matches!(peer, Peer::Tcp) && !loopback_request(req) {
+        return (route, error(StatusCode::BAD_REQUEST, BAD_REQUEST));
+    }
+    if req.method() != Method::GET {
+        let mut r = error(StatusCode::METHOD_NOT_ALLOWED, METHOD_NOT_ALLOWED);
+        r.headers_mut()
+            .insert(header::ALLOW, HeaderValue::from_static("GET"));
+        return (route, r);
+    }
+    let resp = match target {
+        None => error(StatusCode::NOT_FOUND, NOT_FOUND),
+        Some(Target::Health) => health(&shared.state.table().roles),
+        Some(Target::Metrics) => metrics(shared),
+        Some(Target::Credentials(name)) => credentials(shared, peer, name, req.headers()).await,
+    };
+    (route, resp)
+}
+
+/// TCP only: `Host` (and an absolute-form target's authority) must be a loopback name or
+/// address, and no `X-Forwarded-For` may be present — this defeats DNS rebinding and requests
+/// relayed by a proxy on the device.
+fn loopback_request(req: &Request<Incoming>) -> bool {
+    let headers = req.headers();
+    if headers.contains_key("x-forwarded-for") {
+        return false;
+    }
+    let mut hosts = headers.get_all(header::HOST).iter();
+    let host_ok = match (hosts.next(), hosts.next()) {
+        (Some(h), None) => h.to_str().map(loopback_host).unwrap_or(false),
+        _ => false,
+    };
+    host_ok
+        && req
+            .uri()
+            .authority()
+            .is_none_or(|a| loopback_host(a.as_str()))
+}
+
+/// `localhost`, `127.x.y.z` or `[::1]`, each with an optional port.
+pub(super) fn loopback_host(host: &str) -> bool {
+    let name = if let Some(rest) = host.strip_prefix('[') {
+        let Some((addr, after)) = rest.split_once(']') else {
+            return false;
+        };
+        if !(after.is_empty() || after.strip_prefix(':').is_some_and(port)) {
+            return false;
+        }
+        return addr == "::1";
+    } else {
+        match host.split_once(':') {
+            Some((name, p)) if port(p) => name,
+            Some(_) => return false,
+            None => host,
+        }
+    };
+    name.eq_ignore_ascii_case("localhost")
+        || name
+            .parse::<Ipv4Addr>()
+            .is_ok_and(|ip| ip.octets()[0] == 127)
+}
+
+fn port(p: &str) -> bool {
+    !p.is_empty() && p.len() <= 5 && p.bytes().all(|b| b.is_ascii_digit())
+}
+
+async fn credentials(
+    shared: &Shared,
+    peer: Peer,
+    name: Option<&str>,
+    headers: &HeaderMap,
+) -> Response<Body> {
+    let table = shared.state.table();
+    let roles = &table.roles;
+    let index = match name {
+        None => (!roles.is_empty()).then_some(0),
+        Some(n) => roles.iter().position(|r| &*r.name == n),
+    };
+    let Some(index) = index else {
+        return error(StatusCode::NOT_FOUND, UNKNOWN_ROLE);
+    };
+    let role = &roles[index];
+    match peer {
+        Peer::Tcp => {
+            let given = headers
+                .get(header::AUTHORIZATION)
+                .map(HeaderValue::as_bytes)
+                .unwrap_or(b"");
+            let ok = table.tokens[index]
+                .as_ref()
+                .is_some_and(|t| bool::from(t.as_bytes().ct_eq(given)));
+            if !ok {
+                return error(StatusCode::UNAUTHORIZED, UNAUTHORIZED);
+            }
+        }
+        Peer::Unix { uid, gid } => {
+            if !peer_allowed(role, uid, gid) {
+                return error(StatusCode::FORBIDDEN, FORBIDDEN);
+            }
+        }
+    }
+    match role.credentials(shared.state.request_wait).await {
+        Ok(served) => {
+            let body = Format::ContainerJson.render(
+                &role.name,
+                &served.held.credentials,
+                served.expiration,
+            );
+            let mut body = body;
+            let bytes = Zeroizing::new(std::mem::take(&mut *body).into_bytes());
+            let mut r = Response::new(Full::new(Chunk::Secret(bytes, 0)));
+            let h = r.headers_mut();
+            h.insert(header::CONTENT_TYPE, JSON);
+            h.insert(header::CACHE_CONTROL, NO_STORE);
+            r
+        }
+        Err(not_ready) => {
+            let mut r = error(StatusCode::SERVICE_UNAVAILABLE, UNAVAILABLE);
+            let secs = not_ready.retry_after.as_secs()
+                + u64::from(not_ready.retry_after.subsec_nanos() > 0);
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
+            r
+        }
+    }
+}
+
+fn peer_allowed(role: &RoleHandle, uid: Option<u32>, gid: Option<u32>) -> bool {
+    if role.allow_uids.is_empty() && role.allow_gids.is_empty() {
+        return true;
+    }
+    uid.is_some_and(|u| role.allow_uids.contains(&u))
+        || gid.is_some_and(|g| role.allow_gids.contains(&g))
+}
+
+fn health(roles: &[RoleHandle]) -> Response<Body> {
+    let now = Instant::now();
+    let wall = UnixTime::now();
+    let mut all_healthy = true;
+    let list: Vec<serde_json::Value> = roles
+        .iter()
+        .map(|role| {
+            let health = role.health(now);
+            all_healthy &= health == RoleHealth::Healthy;
+            let snap = role.snapshot();
+            let state = match health {
+                RoleHealth::Healthy if snap.held.is_none() => "idle",
+                RoleHealth::Healthy => "healthy",
+                RoleHealth::Refreshing => "refreshing",
+                RoleHealth::Unavailable => "unavailable",
+            };
+            let held = snap.held.as_ref().filter(|h| !h.remaining(now).is_zero());
+            serde_json::json!({
+                "name": &*role.name,
+                "mode": match role.mode {
+                    iotcred_core::schedule::Mode::OnDemand => "on-demand",
+                    _ => "proactive",
+                },
+                "state": state,
+                "healthy": health == RoleHealth::Healthy,
+                "expiration": held.map(|h| h.consumer_expiration(now, wall).rfc3339().to_string()),
+                "remaining_seconds": held.map(|h| h.remaining(now).as_secs()),
+                "last_refresh": snap.last_refresh.map(|t| t.rfc3339().to_string()),
+                "last_failure": snap.last_failure.map(|t| t.rfc3339().to_string()),
+                "last_error": snap.last_error.as_deref(),
+                "failures": snap.failures,
+                "fetching": snap.fetching,
+                "next_attempt_in_seconds": snap.next_attempt.map(|t| t.saturating_duration_since(now).as_secs()),
+            })
+        })
+        .collect();
+    let body = serde_json::json!({
+        "status": if all_healthy { "healthy" } else { "unhealthy" },
+        "roles": list,
+    });
+    let bytes = serde_json::to_vec(&body).unwrap_or_default();
+    let mut r = Response::new(Full::new(Chunk::Owned(bytes, 0)));
+    if !all_healthy {
+        *r.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+    }
+    let h = r.headers_mut();
+    h.insert(header::CONTENT_TYPE, JSON);
+    h.insert(header::CACHE_CONTROL, NO_STORE);
+    r
+}
+
+fn metrics(shared: &Shared) -> Response<Body> {
+    let text = shared
+        .state
+        .metrics
+        .render(&shared.state.table().roles, Instant::now(), UnixTime::now());
+    let mut r = Response::new(Full::new(Chunk::Owned(text.into_bytes(), 0)));
+    let h = r.headers_mut();
+    h.insert(header::CONTENT_TYPE, PROMETHEUS);
+    h.insert(header::CACHE_CONTROL, NO_STORE);
+    r
+}
+
+const BAD_REQUEST: &str = r#"{"code":"BadRequest","message":"requests on the TCP listener must use a loopback Host (localhost, 127.0.0.1 or [::1]) and no X-Forwarded-For"}"#;
+const METHOD_NOT_ALLOWED: &str =
+    r#"{"code":"MethodNotAllowed","message":"only GET is allowed"}"#;
+const NOT_FOUND: &str = r#"{"code":"NotFound","message":"no such route; use /v1/credentials, /v1/credentials/{role}, /v1/health or /v1/metrics"}"#;
+const UNKNOWN_ROLE: &str = r#"{"code":"NotFound","message":"unknown role; the configured roles are listed by /v1/health"}"#;
+const UNAUTHORIZED: &str = r#"{"code":"Unauthorized","message":"missing or wrong Authorization token; send the contents of <runtime_dir>/<role>.token (AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE)"}"#;
+const FORBIDDEN: &str = r#"{"code":"Forbidden","message":"this user is not allowed for the role; add its uid or gid to allow_uids/allow_gids"}"#;
+const UNAVAILABLE: &str = r#"{"code":"Unavailable","message":"no valid credentials yet; retry after the time in Retry-After (see /v1/health for the last error)"}"#;
+
+fn error(status: StatusCode, body: &'static str) -> Response<Body> {
+    let mut r = Response::new(Full::new(Chunk::Static(body.as_bytes())));
+    *r.status_mut() = status;
+    let h = r.headers_mut();
+    h.insert(header::CONTENT_TYPE, JSON);
+    h.insert(header::CACHE_CONTROL, NO_STORE);
+    r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loopback_hosts() {
+        for ok in [
+            "localhost",
+            "LOCALHOST:2773",
+            "127.0.0.1",
+            "127.0.0.1:80",
+            "127.1.2.3:65535",
+            "[::1]",
+            "[::1]:2773",
+        ] {
+            assert!(loopback_host(ok), "{ok}");
+        }
+        for bad in [
+            "",
+            "evil.example",
+            "localhost.evil.example",
+            "128.0.0.1",
+            "127.0.0.1:",
+            "127.0.0.1:x",
+            "[::2]",
+            "[::1",
+            "[::1]x",
+            "::1",
+            "localhost:80:80",
+            "0.0.0.0",
+        ] {
+            assert!(!loopback_host(bad), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,511 @@
+//! The upstream exchange over mutual TLS: connection (direct or through an HTTP CONNECT proxy),
+//! TLS, and core's request/response code driven over the TLS stream.
+
+use std::io;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use embedded_io_adapters::tokio_1::FromTokio;
+use iotcred_core::exchange::{parse_response, ExchangeError};
+use iotcred_core::FetchError;
+use iotcred_core::{CredentialDuration, ErrorClass, Issued, Request, RoleAlias, ThingName, UnixTime};
+use rustls::ClientConfig;
+use rustls_pki_types::ServerName;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+use tokio_rustls::client::TlsStream;
+use tokio_rustls::TlsConnector;
+
+use crate::config::{Config, Endpoint};
+
+/// Why an exchange failed. `Display` is one line that says what is wrong and what to do; it
+/// never contains a secret.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    /// The provider answered, with an error status or an unusable body.
+    #[error("{message}")]
+    Exchange {
+        /// Classified error from core.
+        error: ExchangeError,
+        /// Human message with the fix.
+        message: String,
+    },
+    /// Name resolution failed.
+    #[error("cannot resolve {host}: {source}; check `endpoint` and DNS")]
+    Resolve {
+        /// Host.
+        host: String,
+        /// Why.
+        source: io::Error,
+    },
+    /// TCP connection failed.
+    #[error("cannot connect to {target}: {source}")]
+    Connect {
+        /// host:port tried.
+        target: String,
+        /// Why.
+        source: io::Error,
+    },
+    /// The proxy refused or failed.
+    #[error("proxy {proxy}: {message}")]
+    Proxy {
+        /// Proxy host:port.
+        proxy: String,
+        /// What happened.
+        message: String,
+    },
+    /// TLS failed (handshake or record layer).
+    #[error("{0}")]
+    Tls(String),
+    /// Connection dropped or I/O failed mid-exchange.
+    #[error("connection to {target} failed: {source}")]
+    Io {
+        /// host:port.
+        target: String,
+        /// Why.
+        source: io::Error,
+    },
+    /// No answer in time.
+    #[error("no answer from {target} within {secs} s (timeout_seconds); check the network path to the endpoint")]
+    Timeout {
+        /// host:port.
+        target: String,
+        /// Timeout.
+        secs: u64,
+    },
+}
+
+impl UpstreamError {
+    /// Permanent (fix the configuration) or transient (retry).
+    pub fn class(&self) -> ErrorClass {
+        match self {
+            UpstreamError::Exchange { error, .. } => error.class(),
+            _ => ErrorClass::Transient,
+        }
+    }
+
+    /// The provider's `Retry-After`, if any.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            UpstreamError::Exchange { error, .. } => error.retry_after(),
+            _ => None,
+        }
+    }
+
+    /// HTTP status, if the provider answered.
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            UpstreamError::Exchange { error, .. } => error.status(),
+            _ => None,
+        }
+    }
+
+    /// SPEC §5 exit code: 3 permanent, 4 transient.
+    pub fn exit_code(&self) -> i32 {
+        match self.class() {
+            ErrorClass::Permanent => 3,
+            ErrorClass::Transient => 4,
+        }
+    }
+}
+
+/// What one role asks for.
+#[derive(Clone, Debug)]
+pub struct RoleRequest {
+    /// Role alias.
+    pub role_alias: RoleAlias,
+    /// Duration header.
+    pub duration: Option<CredentialDuration>,
+}
+
+/// Credentials received, with the moment they arrived on the monotonic clock.
+#[derive(Debug)]
+pub struct Fetched {
+    /// Parsed credentials and lifetime.
+    pub issued: Issued,
+    /// When the response arrived.
+    pub arrived: Instant,
+    /// Wall clock when it arrived.
+    pub arrived_wall: UnixTime,
+    /// Time from start of the attempt to the response (connection set-up included).
+    pub latency: Duration,
+}
+
+/// An HTTP CONNECT proxy.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Proxy {
+    /// Proxy host.
+    pub host: String,
+    /// Proxy port.
+    pub port: u16,
+}
+
+impl Proxy {
+    /// Parses `http://host[:port][/]`. Only plain-HTTP CONNECT proxies are supported.
+    pub fn parse(url: &str) -> Result<Proxy, String> {
+        let rest = match url.split_once("://") {
+            Some(("http", rest)) => rest,
+            Some((scheme, _)) => return Err(format!("scheme {scheme:?} is not supported: use an http:// CONNECT proxy")),
+            None => url,
+        };
+        let rest = rest.trim_end_matches('/');
+        if rest.contains('@') {
+            return Err("credentials in the proxy URL are not supported".into());
+        }
+        if rest.contains('/') {
+            return Err(format!("{url:?}: give http://host:port"));
+        }
+        let ep = crate::config::parse_endpoint(rest).map_err(|_| format!("{url:?}: give http://host:port"))?;
+        let port = if rest.ends_with(']') || !rest.contains(':') { 3128 } else { ep.port };
+        Ok(Proxy { host: ep.host, port })
+    }
+
+    /// The proxy for `host` from `HTTPS_PROXY`/`https_proxy`, honouring `NO_PROXY`/`no_proxy`.
+    pub fn from_env(host: &str) -> Option<Proxy> {
+        let var = |names: &[&str]| names.iter().find_map(|n| std::env::var(n).ok().filter(|v| !v.is_empty()));
+        let url = var(&["HTTPS_PROXY", "https_proxy"])?;
+        if let Some(no) = var(&["NO_PROXY", "no_proxy"]) {
+            if no_proxy_matches(&no, host) {
+                return None;
+            }
+        }
+        match Proxy::parse(&url) {
+            Ok(p) => Some(p),
+            Err(e) => {
+                tracing::warn!("ignoring HTTPS_PROXY: {e}");
+                None
+            }
+        }
+    }
+}
+
+/// `NO_PROXY` matching: `*`, exact host, or domain suffix (`.example.com` or `example.com`).
+pub fn no_proxy_matches(list: &str, host: &str) -> bool {
+    let host = host.to_ascii_lowercase();
+    list.split(',').map(|e| e.trim().to_ascii_lowercase()).any(|e| {
+        if e.is_empty() {
+            return false;
+        }
+        if e == "*" {
+            return true;
+        }
+        let e = e.split(':').next().unwrap_or("").trim_start_matches("*.").trim_start_matches('.');
+        host == e || host.ends_with(&format!(".{e}"))
+    })
+}
+
+/// The upstream: endpoint, TLS configuration, and one idle connection kept for reuse.
+pub struct Upstream {
+    endpoint: Endpoint,
+    server_name: ServerName<'static>,
+    thing_name: Option<ThingName>,
+    connector: TlsConnector,
+    proxy: Option<Proxy>,
+    timeout: Duration,
+    idle: Mutex<Option<TlsStream<TcpStream>>>,
+}
+
+impl Upstream {
+    /// Builds the upstream for `config` with a loaded TLS configuration.
+    pub fn new(config: &Config, client_config: Arc<ClientConfig>) -> Result<Upstream, String> {
+        let server_name = ServerName::try_from(config.endpoint.host.clone())
+            .map_err(|_| format!("endpoint host {:?} is not a valid DNS name or IP address", config.endpoint.host))?;
+        let proxy = match &config.proxy {
+            Some(url) => Some(Proxy::parse(url)?),
+            None => Proxy::from_env(&config.endpoint.host),
+        };
+        Ok(Upstream {
+            endpoint: config.endpoint.clone(),
+            server_name,
+            thing_name: config.thing_name.clone(),
+            connector: TlsConnector::from(client_config),
+            proxy,
+            timeout: config.timeout,
+            idle: Mutex::new(None),
+        })
+    }
+
+    fn target(&self) -> String {
+        if self.endpoint.host.contains(':') {
+            format!("[{}]:{}", self.endpoint.host, self.endpoint.port)
+        } else {
+            format!("{}:{}", self.endpoint.host, self.endpoint.port)
+        }
+    }
+
+    /// One exchange: reuse the idle connection if there is one (falling back to a new
+    /// connection if it turns out dead before any answer), else connect.
+    pub async fn fetch(&self, role: &RoleRequest) -> Result<Fetched, UpstreamError> {
+        let start = Instant::now();
+        let deadline = start + self.timeout;
+        let reused = self.idle.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(conn) = reused {
+            match self.exchange(conn, role, deadline, true).await {
+                Err(ExchangeFailure::StaleConnection) => {}
+                other => return other.map_err(|f| self.failure(f)).map(|f| f.with_latency(start)),
+            }
+        }
+        let conn = tokio::time::timeout_at(deadline, self.connect())
+            .await
+            .map_err(|_| self.timeout_error())??;
+        self.exchange(conn, role, deadline, false)
+            .await
+            .map_err(|f| self.failure(f))
+            .map(|f| f.with_latency(start))
+    }
+
+    /// Drops the idle connection (after a connection or TLS error, or on reload).
+    pub fn reset(&self) {
+        self.idle.lock().unwrap_or_else(|e| e.into_inner()).take();
+    }
+
+    fn timeout_error(&self) -> UpstreamError {
+        UpstreamError::Timeout {
+            target: self.target(),
+            secs: self.timeout.as_secs(),
+        }
+    }
+
+    fn failure(&self, f: ExchangeFailure) -> UpstreamError {
+        match f {
+            ExchangeFailure::Error(e) => e,
+            ExchangeFailure::StaleConnection => UpstreamError::Io {
+                target: self.target(),
+                source: io::Error::new(io::ErrorKind::ConnectionReset, "connection closed by the endpoint"),
+            },
+        }
+    }
+
+    async fn connect(&self) -> Result<TlsStream<TcpStream>, UpstreamError> {
+        let tcp = match &self.proxy {
+            None => tcp_connect(&self.endpoint.host, self.endpoint.port).await?,
+            Some(p) => {
+                let mut s = tcp_connect(&p.host, p.port).await.map_err(|e| UpstreamError::Proxy {
+                    proxy: format!("{}:{}", p.host, p.port),
+                    message: e.to_string(),
+                })?;
+                proxy_connect(&mut s, p, &self.target()).await?;
+                s
+            }
+        };
+        self.connector
+            .connect(self.server_name.clone(), tcp)
+            .await
+            .map_err(|e| UpstreamError::Tls(tls_message(&e, &self.target())))
+    }
+
+    async fn exchange(
+        &self,
+        conn: TlsStream<TcpStream>,
+        role: &RoleRequest,
+        deadline: Instant,
+        reused: bool,
+    ) -> Result<Fetched, ExchangeFailure> {
+        let request = match Request::new(&self.endpoint.host, self.endpoint.port, &role.role_alias, crate::USER_AGENT) {
+            Ok(r) => r.with_thing_name(self.thing_name.as_ref()).with_duration(role.duration),
+            Err(e) => return Err(ExchangeFailure::Error(UpstreamError::Tls(format!("invalid request: {e}")))),
+        };
+        let mut stream = FromTokio::new(conn);
+        let wall_now = UnixTime::now();
+        let result = tokio::time::timeout_at(
+            deadline,
+            iotcred_core::asynch::round_trip(&mut stream, &request, iotcred_core::Limits::DEFAULT),
+        )
+        .await;
+        let arrived = Instant::now();
+        let arrived_wall = UnixTime::now();
+        let target = self.target();
+        let response = match result {
+            Err(_) => return Err(ExchangeFailure::Error(self.timeout_error())),
+            Ok(Ok(response)) => response,
+            Ok(Err(FetchError::Exchange(error))) => {
+                let message = explain(&error, self.thing_name.as_ref(), &role.role_alias);
+                return Err(ExchangeFailure::Error(UpstreamError::Exchange { error, message }));
+            }
+            Ok(Err(FetchError::Io(e))) => {
+                if reused
+                    && matches!(
+                        e.kind(),
+                        io::ErrorKind::UnexpectedEof | io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe
+                    )
+                {
+                    return Err(ExchangeFailure::StaleConnection);
+                }
+                if tls_cause(&e).is_some() {
+                    return Err(ExchangeFailure::Error(UpstreamError::Tls(tls_message(&e, &target))));
+                }
+                return Err(ExchangeFailure::Error(UpstreamError::Io { target, source: e }));
+            }
+            Ok(Err(_)) => {
+                let source = io::Error::new(io::ErrorKind::WriteZero, "the connection stopped accepting data");
+                return Err(ExchangeFailure::Error(UpstreamError::Io { target, source }));
+            }
+        };
+        if response.keep_alive {
+            *self.idle.lock().unwrap_or_else(|e| e.into_inner()) = Some(stream.into_inner());
+        }
+        match parse_response(&response, wall_now) {
+            Ok(issued) => Ok(Fetched {
+                issued,
+                arrived,
+                arrived_wall,
+                latency: Duration::ZERO,
+            }),
+            Err(error) => {
+                let message = explain(&error, self.thing_name.as_ref(), &role.role_alias);
+                Err(ExchangeFailure::Error(UpstreamError::Exchange { error, message }))
+            }
+        }
+    }
+}
+
+impl std::fmt::Debug for Upstream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Upstream")
+            .field("endpoint", &self.endpoint)
+            .field("proxy", &self.proxy)
+            .field("timeout", &self.timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+enum ExchangeFailure {
+    /// A reused connection was closed by the peer before any answer: retry on a new one.
+    StaleConnection,
+    Error(UpstreamError),
+}
+
+impl Fetched {
+    fn with_latency(mut self, start: Instant) -> Fetched {
+        self.latency = self.arrived.saturating_duration_since(start);
+        self
+    }
+}
+
+async fn tcp_connect(host: &str, port: u16) -> Result<TcpStream, UpstreamError> {
+    let target = if host.contains(':') { format!("[{host}]:{port}") } else { format!("{host}:{port}") };
+    let addrs: Vec<_> = tokio::net::lookup_host((host, port))
+        .await
+        .map_err(|source| UpstreamError::Resolve {
+            host: host.to_string(),
+            source,
+        })?
+        .collect();
+    let mut last = io::Error::new(io::ErrorKind::NotFound, "no address");
+    for addr in addrs {
+        match TcpStream::connect(addr).await {
+            Ok(s) => {
+                let _ = s.set_nodelay(true);
+                return Ok(s);
+            }
+            Err(e) => last = e,
+        }
+    }
+    Err(UpstreamError::Connect { target, source: last })
+}
+
+async fn proxy_connect(s: &mut TcpStream, proxy: &Proxy, target: &str) -> Result<(), UpstreamError> {
+    let perr = |message: String| UpstreamError::Proxy {
+        proxy: format!("{}:{}", proxy.host, proxy.port),
+        message,
+    };
+    let req = format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\nUser-Agent: {}\r\n\r\n", crate::USER_AGENT);
+    s.write_all(req.as_bytes()).await.map_err(|e| perr(e.to_string()))?;
+    // Read the response head byte by byte so no TLS byte is consumed (a CONNECT 2xx has no body).
+    let mut head = Vec::with_capacity(256);
+    while !head.ends_with(b"\r\n\r\n") {
+        if head.len() >= 8192 {
+            return Err(perr("response header too large".into()));
+        }
+        let b = s.read_u8().await.map_err(|e| perr(format!("closed during CONNECT: {e}")))?;
+        head.push(b);
+    }
+    let mut headers = [httparse::EMPTY_HEADER; 32];
+    let mut resp = httparse::Response::new(&mut headers);
+    match resp.parse(&head) {
+        Ok(httparse::Status::Complete(_)) => match resp.code {
+            Some(c) if (200..300).contains(&c) => Ok(()),
+            Some(c) => Err(perr(format!("CONNECT refused with status {c}"))),
+            None => Err(perr("malformed response".into())),
+        },
+        _ => Err(perr("malformed response to CONNECT".into())),
+    }
+}
+
+fn tls_cause(e: &io::Error) -> Option<&rustls::Error> {
+    e.get_ref().and_then(|inner| inner.downcast_ref::<rustls::Error>())
+}
+
+/// One line for a TLS failure, naming the likely fix.
+fn tls_message(e: &io::Error, target: &str) -> String {
+    use rustls::{AlertDescription as A, CertificateError as C, Error as E};
+    match tls_cause(e) {
+        Some(E::AlertReceived(A::BadCertificate | A::CertificateRequired | A::UnknownCA | A::CertificateUnknown | A::AccessDenied | A::CertificateRevoked | A::CertificateExpired | A::UnsupportedCertificate)) => format!(
+            "{target} rejected the device certificate during TLS: check that the certificate is registered and ACTIVE in AWS IoT and matches the key"
+        ),
+        Some(E::InvalidCertificate(C::NotValidYet | C::NotValidYetContext { .. })) => format!(
+            "the server certificate of {target} is not valid yet by this device's clock ({}): set the system clock (NTP/RTC)",
+            UnixTime::now().rfc3339()
+        ),
+        Some(E::InvalidCertificate(C::Expired | C::ExpiredContext { .. })) => format!(
+            "the server certificate of {target} has expired by this device's clock ({}): check the system clock, or the endpoint",
+            UnixTime::now().rfc3339()
+        ),
+        Some(E::InvalidCertificate(C::UnknownIssuer)) => format!(
+            "the server certificate of {target} is not trusted: check `ca` (default: the built-in Amazon roots) and `endpoint`"
+        ),
+        Some(E::InvalidCertificate(C::NotValidForName | C::NotValidForNameContext { .. })) => format!(
+            "the server certificate of {target} is not valid for that name: check `endpoint` (use the iot:CredentialProvider endpoint)"
+        ),
+        Some(other) => format!("TLS with {target} failed: {other}"),
+        None => format!("TLS with {target} failed: {e}"),
+    }
+}
+
+/// One line for a provider error, naming the fix where the status tells it.
+pub fn explain(error: &ExchangeError, thing: Option<&ThingName>, alias: &RoleAlias) -> String {
+    let provider_msg = error.message().map(|m| format!(" ({m:?})")).unwrap_or_default();
+    let thing_s = thing.map(|t| t.as_str()).unwrap_or("(none configured)");
+    match error.status() {
+        Some(400) => format!(
+            "the credentials provider refused the request (400){provider_msg}: check thing_name and duration_seconds (900-43200, at most the role alias's credentialDurationSeconds)"
+        ),
+        Some(401) => format!("the credentials provider refused the device certificate (401){provider_msg}: check that the certificate is ACTIVE in AWS IoT"),
+        Some(403) => format!(
+            "the credentials provider denied access (403){provider_msg}: the certificate is not attached to thing {thing_s}, or the IoT policy denies iot:AssumeRoleWithCertificate for role alias {}",
+            alias.as_str()
+        ),
+        Some(404) => format!(
+            "role alias {} not found (404){provider_msg}: create it (aws iot create-role-alias) or fix role_alias, and check endpoint is the iot:CredentialProvider endpoint of the right region",
+            alias.as_str()
+        ),
+        Some(429) => format!("the credentials provider is throttling (429){provider_msg}: will retry with backoff"),
+        Some(s) if s >= 500 => format!("the credentials provider failed ({s}){provider_msg}: will retry with backoff"),
+        _ => format!("the credentials provider's answer is unusable: {error}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn proxy_urls() {
+        assert_eq!(Proxy::parse("http://p.local:3128").unwrap(), Proxy { host: "p.local".into(), port: 3128 });
+        assert_eq!(Proxy::parse("http://p.local/").unwrap().port, 3128);
+        assert_eq!(Proxy::parse("p:8080").unwrap().port, 8080);
+        assert!(Proxy::parse("https://p:1").is_err());
+        assert!(Proxy::parse("http://u:pw@p:1").is_err());
+    }
+
+    #[test]
+    fn no_proxy() {
+        assert!(no_proxy_matches("*", "x.y"));
+        assert!(no_proxy_matches("a.com, .amazonaws.com", "c2.credentials.iot.eu-west-1.amazonaws.com"));
+        assert!(no_proxy_matches("amazonaws.com", "x.amazonaws.com"));
+        assert!(no_proxy_matches("localhost,127.0.0.1", "127.0.0.1"));
+        assert!(!no_proxy_matches("amazonaws.com", "notamazonaws.com"));
+        assert!(!no_proxy_matches("", "x"));
+    }
+}

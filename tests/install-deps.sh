@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Installs what the test suite needs on a Debian 12 machine (idempotent): Debian packages for
+# the real parts (SoftHSM2, swtpm + tpm2-pkcs11, cross linkers, qemu-user, openssl, faketime),
+# rustup targets and components, and the AWS SDK consumers (PyPI, npm) into tests/.deps/.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+SUDO=""
+if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
+
+APT_PKGS=(softhsm2 opensc swtpm swtpm-tools tpm2-tools tpm2-abrmd libtss2-tcti-tabrmd0
+  libtpm2-pkcs11-1 libtpm2-pkcs11-tools dbus openssl curl faketime
+  gcc-aarch64-linux-gnu gcc-arm-linux-gnueabihf libc6-dev-arm64-cross libc6-dev-armhf-cross qemu-user
+  systemd)
+missing=()
+for p in "${APT_PKGS[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "install-deps: apt-get install ${missing[*]}"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+installed_targets=$(rustup target list --installed)
+for t in thumbv7em-none-eabihf aarch64-unknown-linux-gnu armv7-unknown-linux-gnueabihf; do
+  grep -qx "$t" <<<"$installed_targets" || rustup target add "$t"
+done
+rustup component list --installed | grep -q '^clippy' || rustup component add clippy
+rustup component list --installed | grep -q '^rustfmt' || rustup component add rustfmt
+
+# Consumers: real AWS SDKs, installed from their registries into a project-local directory.
+DEPS=tests/.deps
+mkdir -p "$DEPS"
+if [ ! -d "$DEPS/py/botocore" ]; then
+  python3 -m pip install --quiet --disable-pip-version-check --target "$DEPS/py" botocore
+fi
+if [ ! -d "$DEPS/node/node_modules/@aws-sdk/credential-providers" ]; then
+  mkdir -p "$DEPS/node"
+  (cd "$DEPS/node" && [ -f package.json ] || echo '{"private":true}' > package.json
+   npm install --silent --no-audit --no-fund @aws-sdk/credential-providers >/dev/null)
+fi
+echo "install-deps: ok"
