@@ -44,7 +44,9 @@ pub enum GetError {
         source: io::Error,
     },
     /// The agent does not know the role.
-    #[error("the agent has no role {role:?}; check --role against the [[role]] names in its config")]
+    #[error(
+        "the agent has no role {role:?}; check --role against the [[role]] names in its config"
+    )]
     UnknownRole {
         /// The role asked for (`default` for the default role).
         role: String,
@@ -61,7 +63,9 @@ pub enum GetError {
         message: String,
     },
     /// The agent has no valid credentials yet (503).
-    #[error("the agent has no valid credentials yet: {message}; retry in {retry_after}s, see `curl --unix-socket SOCKET http://localhost/v1/health`")]
+    #[error(
+        "the agent has no valid credentials yet: {message}; retry in {retry_after}s, see `curl --unix-socket SOCKET http://localhost/v1/health`"
+    )]
     NotReady {
         /// The agent's suggested wait, in seconds.
         retry_after: u64,
@@ -77,7 +81,9 @@ pub enum GetError {
         source: io::Error,
     },
     /// The agent's answer could not be understood.
-    #[error("unexpected answer from the agent: {0}; are the agent and this command the same version?")]
+    #[error(
+        "unexpected answer from the agent: {0}; are the agent and this command the same version?"
+    )]
     Protocol(String),
 }
 
@@ -98,7 +104,11 @@ impl GetError {
 
 /// Asks the agent listening on `socket` for the credentials of `role` (the default role when
 /// `None`) and renders them in `format`; for `ini`, the profile is the role name, or `default`.
-pub fn get(socket: &Path, role: Option<&str>, format: Format) -> Result<Zeroizing<String>, GetError> {
+pub fn get(
+    socket: &Path,
+    role: Option<&str>,
+    format: Format,
+) -> Result<Zeroizing<String>, GetError> {
     if let Some(r) = role {
         if r.is_empty()
             || !r
@@ -141,7 +151,11 @@ pub fn get(socket: &Path, role: Option<&str>, format: Format) -> Result<Zeroizin
     );
     stream.write_all(request.as_bytes()).map_err(io_err)?;
 
-    let (status, body, retry_after) = read_response(&mut stream).map_err(|e| match e {
+    let Answer {
+        status,
+        body,
+        retry_after,
+    } = read_response(&mut stream).map_err(|e| match e {
         ReadError::Io(source) => io_err(source),
         ReadError::Protocol(m) => GetError::Protocol(m),
     })?;
@@ -176,15 +190,20 @@ pub fn get(socket: &Path, role: Option<&str>, format: Format) -> Result<Zeroizin
     Ok(format.render(profile, &creds, creds.expiration))
 }
 
+/// Status, body (zeroized on drop) and `Retry-After` seconds of the agent's answer.
+struct Answer {
+    status: u16,
+    body: Zeroizing<Vec<u8>>,
+    retry_after: Option<u64>,
+}
+
 enum ReadError {
     Io(io::Error),
     Protocol(String),
 }
 
 /// Reads the whole response: status, body (zeroized on drop) and `Retry-After` seconds.
-fn read_response(
-    stream: &mut UnixStream,
-) -> Result<(u16, Zeroizing<Vec<u8>>, Option<u64>), ReadError> {
+fn read_response(stream: &mut UnixStream) -> Result<Answer, ReadError> {
     let mut parser = ResponseParser::new();
     let mut buf = Zeroizing::new([0u8; 4096]);
     loop {
@@ -214,7 +233,11 @@ fn read_response(
                 RetryAfter::Seconds(s) => u64::from(s),
                 RetryAfter::Date(t) => t.saturating_duration_since(UnixTime::now()).as_secs(),
             });
-            return Ok((resp.status, resp.body, retry));
+            return Ok(Answer {
+                status: resp.status,
+                body: resp.body,
+                retry_after: retry,
+            });
         }
         if n == 0 {
             return Err(ReadError::Protocol(

@@ -238,7 +238,11 @@ impl Metrics {
         )?;
         for r in roles {
             let v = u8::from(r.health(now) == RoleHealth::Healthy);
-            writeln!(out, "iotcred_role_healthy{{role=\"{}\"}} {v}", Label(&r.name))?;
+            writeln!(
+                out,
+                "iotcred_role_healthy{{role=\"{}\"}} {v}",
+                Label(&r.name)
+            )?;
         }
 
         header(
@@ -403,10 +407,18 @@ mod tests {
         m.refresh_result(0, RefreshOutcome::Transient, Duration::from_secs(100));
         m.refresh_result(7, RefreshOutcome::Success, Duration::from_secs(1));
         let text = m.render(&[], Instant::now(), UnixTime::from_secs(0));
-        assert!(text.contains("iotcred_upstream_latency_seconds_bucket{role=\"a\\\"b\",le=\"0.05\"} 0"));
-        assert!(text.contains("iotcred_upstream_latency_seconds_bucket{role=\"a\\\"b\",le=\"0.1\"} 1"));
-        assert!(text.contains("iotcred_upstream_latency_seconds_bucket{role=\"a\\\"b\",le=\"60\"} 1"));
-        assert!(text.contains("iotcred_upstream_latency_seconds_bucket{role=\"a\\\"b\",le=\"+Inf\"} 2"));
+        assert!(
+            text.contains("iotcred_upstream_latency_seconds_bucket{role=\"a\\\"b\",le=\"0.05\"} 0")
+        );
+        assert!(
+            text.contains("iotcred_upstream_latency_seconds_bucket{role=\"a\\\"b\",le=\"0.1\"} 1")
+        );
+        assert!(
+            text.contains("iotcred_upstream_latency_seconds_bucket{role=\"a\\\"b\",le=\"60\"} 1")
+        );
+        assert!(
+            text.contains("iotcred_upstream_latency_seconds_bucket{role=\"a\\\"b\",le=\"+Inf\"} 2")
+        );
         assert!(text.contains("iotcred_upstream_latency_seconds_count{role=\"a\\\"b\"} 2"));
         assert!(text.contains("iotcred_refresh_total{role=\"a\\\"b\",outcome=\"success\"} 1"));
     }

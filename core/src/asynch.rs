@@ -80,6 +80,9 @@ mod tests {
         async fn write(&mut self, buf: &[u8]) -> Result<usize, Self::Error> {
             self.write_from(buf)
         }
+        async fn flush(&mut self) -> Result<(), Self::Error> {
+            Ok(())
+        }
     }
 
     /// Runs a future that never waits (the mock is always ready).

@@ -2,7 +2,7 @@
 //!
 //! The caller opens the (TLS) connection; [`fetch`] writes the request, reads the response
 //! through [`ResponseParser`] and turns it into credentials with
-//! [`parse_response`](crate::exchange::parse_response).
+//! [`exchange::parse_response`](crate::exchange::parse_response).
 
 use core::fmt;
 
@@ -89,7 +89,9 @@ impl<E: fmt::Display> fmt::Display for FetchError<E> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             FetchError::Io(e) => write!(f, "connection error: {e}; will retry"),
-            FetchError::WriteZero => f.write_str("connection error: the stream accepted no bytes; will retry"),
+            FetchError::WriteZero => {
+                f.write_str("connection error: the stream accepted no bytes; will retry")
+            }
             FetchError::Exchange(e) => fmt::Display::fmt(e, f),
         }
     }
@@ -204,7 +206,10 @@ pub(crate) mod tests {
             }
         }
 
-        pub(crate) fn read_into(&mut self, buf: &mut [u8]) -> Result<usize, embedded_io::ErrorKind> {
+        pub(crate) fn read_into(
+            &mut self,
+            buf: &mut [u8],
+        ) -> Result<usize, embedded_io::ErrorKind> {
             if self.fail_read {
                 return Err(embedded_io::ErrorKind::ConnectionReset);
             }
@@ -243,7 +248,7 @@ pub(crate) mod tests {
         }
     }
 
-    pub(crate) const OK: &str = "HTTP/1.1 200 OK\r\nDate: Thu, 01 Jan 2026 11:00:00 GMT\r\nContent-Length: 135\r\n\r\n\
+    pub(crate) const OK: &str = "HTTP/1.1 200 OK\r\nDate: Thu, 01 Jan 2026 11:00:00 GMT\r\nContent-Length: 141\r\n\r\n\
         {\"credentials\":{\"accessKeyId\":\"ASIAKEY1\",\"secretAccessKey\":\"sec\",\"sessionToken\":\"tok\",\"expiration\":\"2026-01-01T12:00:00Z\"},\"x\":\"padding....\"}";
 
     #[test]
@@ -266,29 +271,49 @@ pub(crate) mod tests {
         let alias = RoleAlias::new("R").unwrap();
         let req = Request::new("h", 443, &alias, "ua").unwrap();
         let body = r#"{"message":"Access Denied"}"#;
-        let resp = format!("HTTP/1.1 403 Forbidden\r\nContent-Length: {}\r\n\r\n{body}", body.len());
+        let resp = format!(
+            "HTTP/1.1 403 Forbidden\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
         let e = fetch(&mut Mock::new(resp.as_bytes(), 5), &req, UnixTime::EPOCH).unwrap_err();
         assert_eq!(e.class(), ErrorClass::Permanent);
         assert_eq!(e.status(), Some(403));
-        assert_eq!(e.exchange().and_then(ExchangeError::message), Some("Access Denied"));
+        assert_eq!(
+            e.exchange().and_then(ExchangeError::message),
+            Some("Access Denied")
+        );
 
         let resp = "HTTP/1.1 429 Too Many Requests\r\nRetry-After: 3\r\nContent-Length: 0\r\n\r\n";
         let e = fetch(&mut Mock::new(resp.as_bytes(), 5), &req, UnixTime::EPOCH).unwrap_err();
-        assert_eq!((e.class(), e.retry_after()), (ErrorClass::Transient, Some(Duration::from_secs(3))));
+        assert_eq!(
+            (e.class(), e.retry_after()),
+            (ErrorClass::Transient, Some(Duration::from_secs(3)))
+        );
 
         let e = fetch(&mut Mock::new(b"", 5), &req, UnixTime::EPOCH).unwrap_err();
         assert!(matches!(
             e,
             FetchError::Exchange(ExchangeError::Http(HttpError::ClosedBeforeResponse))
         ));
-        let e = fetch(&mut Mock::new(&OK.as_bytes()[..50], 5), &req, UnixTime::EPOCH).unwrap_err();
-        assert!(matches!(e, FetchError::Exchange(ExchangeError::Http(HttpError::Truncated))));
+        let e = fetch(
+            &mut Mock::new(&OK.as_bytes()[..50], 5),
+            &req,
+            UnixTime::EPOCH,
+        )
+        .unwrap_err();
+        assert!(matches!(
+            e,
+            FetchError::Exchange(ExchangeError::Http(HttpError::Truncated))
+        ));
         assert_eq!(e.class(), ErrorClass::Transient);
 
         let mut conn = Mock::new(OK.as_bytes(), 5);
         conn.fail_read = true;
         let e = fetch(&mut conn, &req, UnixTime::EPOCH).unwrap_err();
-        assert!(matches!(e, FetchError::Io(embedded_io::ErrorKind::ConnectionReset)));
+        assert!(matches!(
+            e,
+            FetchError::Io(embedded_io::ErrorKind::ConnectionReset)
+        ));
         assert_eq!(e.class(), ErrorClass::Transient);
         assert!(format!("{e}").starts_with("connection error"));
 
@@ -304,6 +329,9 @@ pub(crate) mod tests {
         let req = Request::new("h", 443, &alias, "ua").unwrap();
         let mut conn = Mock::new(b"HTTP/1.0 500 Oops\r\n\r\nbody", 3);
         let r = round_trip(&mut conn, &req, Limits::DEFAULT).unwrap();
-        assert_eq!((r.status, &r.body[..], r.keep_alive), (500, &b"body"[..], false));
+        assert_eq!(
+            (r.status, &r.body[..], r.keep_alive),
+            (500, &b"body"[..], false)
+        );
     }
 }

@@ -28,12 +28,7 @@ impl Credentials {
     /// `check` output.
     pub fn access_key_id_suffix(&self) -> &str {
         let id = self.access_key_id.as_str();
-        let start = id
-            .char_indices()
-            .rev()
-            .nth(3)
-            .map(|(i, _)| i)
-            .unwrap_or(0);
+        let start = id.char_indices().rev().nth(3).map(|(i, _)| i).unwrap_or(0);
         &id[start..]
     }
 }

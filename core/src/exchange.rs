@@ -108,9 +108,15 @@ impl fmt::Display for ExchangeError {
                 }
                 let hint = match status {
                     400 => "check role_alias, thing_name and duration_seconds",
-                    401 => "the endpoint did not accept the device certificate; check that it is registered in AWS IoT and active",
-                    403 => "check that the certificate is active and attached to the thing, and that its IoT policy allows iot:AssumeRoleWithCertificate on this role alias",
-                    404 => "the role alias does not exist at this endpoint; check role_alias and the endpoint's account and region",
+                    401 => {
+                        "the endpoint did not accept the device certificate; check that it is registered in AWS IoT and active"
+                    }
+                    403 => {
+                        "check that the certificate is active and attached to the thing, and that its IoT policy allows iot:AssumeRoleWithCertificate on this role alias"
+                    }
+                    404 => {
+                        "the role alias does not exist at this endpoint; check role_alias and the endpoint's account and region"
+                    }
                     429 => "throttled; will retry later",
                     500..=599 => "provider-side error; will retry with backoff",
                     _ => "unexpected status; will retry with backoff",
@@ -295,7 +301,12 @@ mod tests {
     const EXPIRATION: UnixTime = UnixTime::from_secs(1_767_268_800);
     const HOUR_BEFORE: UnixTime = UnixTime::from_secs(1_767_265_200);
 
-    fn response(status: u16, date: Option<UnixTime>, retry_after: Option<RetryAfter>, body: &str) -> Response {
+    fn response(
+        status: u16,
+        date: Option<UnixTime>,
+        retry_after: Option<RetryAfter>,
+        body: &str,
+    ) -> Response {
         Response {
             status,
             date,
@@ -309,13 +320,20 @@ mod tests {
     fn spec_success_body_with_date() {
         // The wall clock is a day off; the Date header wins.
         let wall = UnixTime::from_secs(1_767_000_000);
-        let issued = parse_response(&response(200, Some(HOUR_BEFORE), None, SPEC_BODY), wall).unwrap();
+        let issued =
+            parse_response(&response(200, Some(HOUR_BEFORE), None, SPEC_BODY), wall).unwrap();
         assert_eq!(issued.lifetime, Duration::from_secs(3600));
         assert_eq!(issued.server_date, Some(HOUR_BEFORE));
         let c = &issued.credentials;
         assert_eq!(c.access_key_id, "ASIAEXAMPLEKEY1234");
-        assert_eq!(c.secret_access_key.expose(), "wJalrXUtnFEMI/K7MDENG/bPxRfiCYSECRET");
-        assert_eq!(c.session_token.expose(), "IQoJb3JpZ2luX2VjEOr//////////TOKEN==");
+        assert_eq!(
+            c.secret_access_key.expose(),
+            "wJalrXUtnFEMI/K7MDENG/bPxRfiCYSECRET"
+        );
+        assert_eq!(
+            c.session_token.expose(),
+            "IQoJb3JpZ2luX2VjEOr//////////TOKEN=="
+        );
         assert_eq!(c.expiration, EXPIRATION);
     }
 
@@ -331,7 +349,8 @@ mod tests {
     fn unknown_fields_and_escapes() {
         let body = r#" {"extra":[1,{"a":null}],"credentials":{"expiration":"2026-01-01T12:00:00.5Z",
             "accessKeyId":"A","secretAccessKey":"s\/e\u0063","sessionToken":"t","more":{"x":true}},"z":1.5} "#;
-        let issued = parse_credentials(200, Some(HOUR_BEFORE), body.as_bytes(), HOUR_BEFORE).unwrap();
+        let issued =
+            parse_credentials(200, Some(HOUR_BEFORE), body.as_bytes(), HOUR_BEFORE).unwrap();
         assert_eq!(issued.credentials.secret_access_key.expose(), "s/ec");
         assert_eq!(issued.credentials.expiration, EXPIRATION);
     }
@@ -341,16 +360,38 @@ mod tests {
         let cases = [
             (r#"{}"#, "credentials"),
             (r#"{"credentials":null}"#, "credentials"),
-            (r#"{"credentials":{"secretAccessKey":"s","sessionToken":"t","expiration":"2026-01-01T12:00:00Z"}}"#, "accessKeyId"),
-            (r#"{"credentials":{"accessKeyId":"","secretAccessKey":"s","sessionToken":"t","expiration":"2026-01-01T12:00:00Z"}}"#, "accessKeyId"),
-            (r#"{"credentials":{"accessKeyId":"a","sessionToken":"t","expiration":"2026-01-01T12:00:00Z"}}"#, "secretAccessKey"),
-            (r#"{"credentials":{"accessKeyId":"a","secretAccessKey":null,"sessionToken":"t","expiration":"2026-01-01T12:00:00Z"}}"#, "secretAccessKey"),
-            (r#"{"credentials":{"accessKeyId":"a","secretAccessKey":"s","expiration":"2026-01-01T12:00:00Z"}}"#, "sessionToken"),
-            (r#"{"credentials":{"accessKeyId":"a","secretAccessKey":"s","sessionToken":""}}"#, "sessionToken"),
-            (r#"{"credentials":{"accessKeyId":"a","secretAccessKey":"s","sessionToken":"t"}}"#, "expiration"),
+            (
+                r#"{"credentials":{"secretAccessKey":"s","sessionToken":"t","expiration":"2026-01-01T12:00:00Z"}}"#,
+                "accessKeyId",
+            ),
+            (
+                r#"{"credentials":{"accessKeyId":"","secretAccessKey":"s","sessionToken":"t","expiration":"2026-01-01T12:00:00Z"}}"#,
+                "accessKeyId",
+            ),
+            (
+                r#"{"credentials":{"accessKeyId":"a","sessionToken":"t","expiration":"2026-01-01T12:00:00Z"}}"#,
+                "secretAccessKey",
+            ),
+            (
+                r#"{"credentials":{"accessKeyId":"a","secretAccessKey":null,"sessionToken":"t","expiration":"2026-01-01T12:00:00Z"}}"#,
+                "secretAccessKey",
+            ),
+            (
+                r#"{"credentials":{"accessKeyId":"a","secretAccessKey":"s","expiration":"2026-01-01T12:00:00Z"}}"#,
+                "sessionToken",
+            ),
+            (
+                r#"{"credentials":{"accessKeyId":"a","secretAccessKey":"s","sessionToken":""}}"#,
+                "sessionToken",
+            ),
+            (
+                r#"{"credentials":{"accessKeyId":"a","secretAccessKey":"s","sessionToken":"t"}}"#,
+                "expiration",
+            ),
         ];
         for (body, field) in cases {
-            let e = parse_credentials(200, Some(HOUR_BEFORE), body.as_bytes(), HOUR_BEFORE).unwrap_err();
+            let e = parse_credentials(200, Some(HOUR_BEFORE), body.as_bytes(), HOUR_BEFORE)
+                .unwrap_err();
             assert_eq!(e, ExchangeError::MissingField(field), "{body}");
             assert_eq!(e.class(), ErrorClass::Transient);
         }
@@ -368,7 +409,10 @@ mod tests {
             r#"{"credentials":{"accessKeyId":"a","accessKeyId":"b"}}"#,
         ] {
             let e = parse_credentials(200, None, body.as_bytes(), HOUR_BEFORE).unwrap_err();
-            assert!(matches!(e, ExchangeError::MalformedJson { .. }), "{body}: {e:?}");
+            assert!(
+                matches!(e, ExchangeError::MalformedJson { .. }),
+                "{body}: {e:?}"
+            );
             assert_eq!(e.class(), ErrorClass::Transient);
             let shown = format!("{e} {e:?}");
             assert!(!shown.contains("SECRET"), "{shown}");
@@ -378,9 +422,13 @@ mod tests {
     #[test]
     fn bad_expiration() {
         let body = |exp: &str| {
-            format!(r#"{{"credentials":{{"accessKeyId":"a","secretAccessKey":"s","sessionToken":"t","expiration":"{exp}"}}}}"#)
+            format!(
+                r#"{{"credentials":{{"accessKeyId":"a","secretAccessKey":"s","sessionToken":"t","expiration":"{exp}"}}}}"#
+            )
         };
-        let parse = |exp: &str| parse_credentials(200, Some(HOUR_BEFORE), body(exp).as_bytes(), HOUR_BEFORE);
+        let parse = |exp: &str| {
+            parse_credentials(200, Some(HOUR_BEFORE), body(exp).as_bytes(), HOUR_BEFORE)
+        };
         assert_eq!(
             parse("2026-01-01T13:00:00+01:00").unwrap_err(),
             ExchangeError::InvalidExpiration(TimeError::NotUtc)
@@ -398,9 +446,15 @@ mod tests {
             reference: HOUR_BEFORE,
         };
         assert_eq!(parse("2026-01-01T11:00:00Z").unwrap_err(), expired);
-        assert!(matches!(parse("2025-01-01T11:00:00Z"), Err(ExchangeError::Expired { .. })));
+        assert!(matches!(
+            parse("2025-01-01T11:00:00Z"),
+            Err(ExchangeError::Expired { .. })
+        ));
         assert_eq!(expired.class(), ErrorClass::Transient);
-        assert_eq!(parse("2026-01-01T11:00:01Z").unwrap().lifetime, Duration::from_secs(1));
+        assert_eq!(
+            parse("2026-01-01T11:00:01Z").unwrap().lifetime,
+            Duration::from_secs(1)
+        );
     }
 
     #[test]
@@ -418,7 +472,10 @@ mod tests {
             assert_eq!(e.message(), Some(message));
             assert_eq!(e.retry_after(), None);
             let shown = e.to_string();
-            assert!(shown.contains(&format!("HTTP {status}")) && shown.contains(message), "{shown}");
+            assert!(
+                shown.contains(&format!("HTTP {status}")) && shown.contains(message),
+                "{shown}"
+            );
         }
         let e = parse_credentials(403, None, b"", HOUR_BEFORE).unwrap_err();
         assert_eq!((e.class(), e.message()), (ErrorClass::Permanent, None));
@@ -428,7 +485,12 @@ mod tests {
     #[test]
     fn transient_rejections_and_retry_after() {
         let e = parse_response(
-            &response(429, None, Some(RetryAfter::Seconds(7)), r#"{"message":"Rate exceeded"}"#),
+            &response(
+                429,
+                None,
+                Some(RetryAfter::Seconds(7)),
+                r#"{"message":"Rate exceeded"}"#,
+            ),
             HOUR_BEFORE,
         )
         .unwrap_err();
@@ -438,8 +500,11 @@ mod tests {
 
         // A date: counted from the provider's Date, not the (wrong) wall clock.
         let at = RetryAfter::Date(UnixTime::from_secs(HOUR_BEFORE.as_secs() + 30));
-        let e = parse_response(&response(503, Some(HOUR_BEFORE), Some(at), ""), UnixTime::EPOCH)
-            .unwrap_err();
+        let e = parse_response(
+            &response(503, Some(HOUR_BEFORE), Some(at), ""),
+            UnixTime::EPOCH,
+        )
+        .unwrap_err();
         assert_eq!(e.retry_after(), Some(Duration::from_secs(30)));
         // Without Date: from the wall clock; a date in the past is zero.
         let e = parse_response(&response(503, None, Some(at), ""), HOUR_BEFORE).unwrap_err();
@@ -457,12 +522,22 @@ mod tests {
 
     #[test]
     fn messages_are_sanitized_and_bounded() {
-        let e = parse_credentials(400, None, br#"{"message":"bad\r\nX-Injected: 1\u0007 thing"}"#, HOUR_BEFORE)
-            .unwrap_err();
+        let e = parse_credentials(
+            400,
+            None,
+            br#"{"message":"bad\r\nX-Injected: 1\u0007 thing"}"#,
+            HOUR_BEFORE,
+        )
+        .unwrap_err();
         assert_eq!(e.message(), Some("badX-Injected: 1 thing"));
         let long = "é".repeat(1000);
-        let e = parse_credentials(400, None, format!(r#"{{"Message":"{long}"}}"#).as_bytes(), HOUR_BEFORE)
-            .unwrap_err();
+        let e = parse_credentials(
+            400,
+            None,
+            format!(r#"{{"Message":"{long}"}}"#).as_bytes(),
+            HOUR_BEFORE,
+        )
+        .unwrap_err();
         assert_eq!(e.message().unwrap().chars().count(), MAX_MESSAGE_CHARS);
         let e = parse_credentials(404, None, br#"{"message":"  "}"#, HOUR_BEFORE).unwrap_err();
         assert_eq!(e.message(), None);

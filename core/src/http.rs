@@ -173,20 +173,33 @@ enum State {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Chunk {
     /// Reading the hex size.
-    Size { size: u64, digits: u8 },
+    Size {
+        size: u64,
+        digits: u8,
+    },
     /// After the size: extensions or whitespace up to the line end.
-    Ext { size: u64 },
+    Ext {
+        size: u64,
+    },
     /// Saw CR at the end of the size line.
-    SizeLf { size: u64 },
-    Data { remaining: u64 },
+    SizeLf {
+        size: u64,
+    },
+    Data {
+        remaining: u64,
+    },
     /// After the data: CR or LF.
     DataEnd,
     /// Saw CR after the data.
     DataLf,
     /// In the trailer section; `at_line_start` when nothing of the current line was read.
-    Trailer { at_line_start: bool },
+    Trailer {
+        at_line_start: bool,
+    },
     /// Saw CR in the trailer section; `empty_line` when it ends an empty line.
-    TrailerLf { empty_line: bool },
+    TrailerLf {
+        empty_line: bool,
+    },
 }
 
 const MAX_HEADERS: usize = 64;
@@ -417,7 +430,9 @@ impl ResponseParser {
     /// One step of chunked decoding; returns the bytes used (at least one).
     fn feed_chunked(&mut self, chunk: Chunk, data: &[u8]) -> Result<usize, HttpError> {
         if let Chunk::Data { remaining } = chunk {
-            let n = usize::try_from(remaining).unwrap_or(usize::MAX).min(data.len());
+            let n = usize::try_from(remaining)
+                .unwrap_or(usize::MAX)
+                .min(data.len());
             self.push_body(&data[..n])?;
             let remaining = remaining - n as u64;
             self.state = State::Chunk(if remaining == 0 {
@@ -544,7 +559,8 @@ impl Framing {
             let value = field.value;
             if name.eq_ignore_ascii_case("content-length") {
                 for item in value.split(|&c| c == b',') {
-                    let len = parse_decimal(trim_ows(item)).ok_or(HttpError::InvalidContentLength)?;
+                    let len =
+                        parse_decimal(trim_ows(item)).ok_or(HttpError::InvalidContentLength)?;
                     if f.content_length.is_some_and(|l| l != len) {
                         return Err(HttpError::InvalidContentLength);
                     }
@@ -601,11 +617,17 @@ fn parse_decimal(s: &[u8]) -> Option<u64> {
     if s.is_empty() || s.len() > 19 || !s.iter().all(u8::is_ascii_digit) {
         return None;
     }
-    Some(s.iter().fold(0u64, |acc, &c| acc * 10 + u64::from(c - b'0')))
+    Some(
+        s.iter()
+            .fold(0u64, |acc, &c| acc * 10 + u64::from(c - b'0')),
+    )
 }
 
 fn trim_ows(s: &[u8]) -> &[u8] {
-    let start = s.iter().position(|&c| c != b' ' && c != b'\t').unwrap_or(s.len());
+    let start = s
+        .iter()
+        .position(|&c| c != b' ' && c != b'\t')
+        .unwrap_or(s.len());
     let end = s
         .iter()
         .rposition(|&c| c != b' ' && c != b'\t')
@@ -660,7 +682,10 @@ impl SecureBuf {
     fn extend(&mut self, bytes: &[u8], cap_hint: usize) {
         let needed = self.0.len() + bytes.len();
         if needed > self.0.capacity() {
-            let new_cap = needed.max(self.0.capacity() * 2).max(256).min(cap_hint.max(needed));
+            let new_cap = needed
+                .max(self.0.capacity() * 2)
+                .max(256)
+                .min(cap_hint.max(needed));
             let mut grown = Zeroizing::new(Vec::with_capacity(new_cap));
             grown.extend_from_slice(&self.0);
             // The old allocation is zeroized when dropped here.
@@ -726,7 +751,11 @@ mod tests {
     fn parse_all_splits_with(bytes: &[u8], limits: Limits) -> Result<Response, HttpError> {
         let whole = run(&[bytes], limits);
         for i in 0..=bytes.len() {
-            assert_eq!(run(&[&bytes[..i], &bytes[i..]], limits), whole, "split at {i}");
+            assert_eq!(
+                run(&[&bytes[..i], &bytes[i..]], limits),
+                whole,
+                "split at {i}"
+            );
         }
         let singles: Vec<&[u8]> = bytes.chunks(1).collect();
         assert_eq!(run(&singles, limits), whole, "one byte at a time");
@@ -776,10 +805,13 @@ mod tests {
 
     #[test]
     fn chunked_without_trailers_and_bare_lf() {
-        let r = parse_all_splits(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: Chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n")
-            .unwrap();
+        let r = parse_all_splits(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: Chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n",
+        )
+        .unwrap();
         assert_eq!(&r.body[..], b"ok");
-        let r = parse_all_splits(b"HTTP/1.1 200 OK\nTransfer-Encoding: chunked\n\n2\nok\n0\n\n").unwrap();
+        let r = parse_all_splits(b"HTTP/1.1 200 OK\nTransfer-Encoding: chunked\n\n2\nok\n0\n\n")
+            .unwrap();
         assert_eq!(&r.body[..], b"ok");
     }
 
@@ -826,10 +858,16 @@ mod tests {
     fn keep_alive_rules() {
         let ka = |s: &[u8]| parse_all_splits(s).unwrap().keep_alive;
         assert!(ka(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"));
-        assert!(!ka(b"HTTP/1.1 200 OK\r\nConnection: Close\r\nContent-Length: 0\r\n\r\n"));
-        assert!(!ka(b"HTTP/1.1 200 OK\r\nConnection: upgrade, close\r\nContent-Length: 0\r\n\r\n"));
+        assert!(!ka(
+            b"HTTP/1.1 200 OK\r\nConnection: Close\r\nContent-Length: 0\r\n\r\n"
+        ));
+        assert!(!ka(
+            b"HTTP/1.1 200 OK\r\nConnection: upgrade, close\r\nContent-Length: 0\r\n\r\n"
+        ));
         assert!(!ka(b"HTTP/1.0 200 OK\r\nContent-Length: 0\r\n\r\n"));
-        assert!(ka(b"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nContent-Length: 0\r\n\r\n"));
+        assert!(ka(
+            b"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nContent-Length: 0\r\n\r\n"
+        ));
     }
 
     #[test]
@@ -858,7 +896,10 @@ mod tests {
               Date: Thu, 01 Jan 2026 12:00:00 GMT\r\nContent-Length: 0\r\n\r\n",
         )
         .unwrap();
-        assert_eq!(r.retry_after, Some(RetryAfter::Date(UnixTime::from_secs(1_767_268_830))));
+        assert_eq!(
+            r.retry_after,
+            Some(RetryAfter::Date(UnixTime::from_secs(1_767_268_830)))
+        );
         let r = parse_all_splits(
             b"HTTP/1.1 503 X\r\nRetry-After: 99999999999\r\nContent-Length: 0\r\n\r\n",
         )
@@ -873,8 +914,10 @@ mod tests {
 
     #[test]
     fn content_length_variants() {
-        let r = parse_all_splits(b"HTTP/1.1 200 OK\r\nContent-Length: 2, 2\r\ncontent-length: 2\r\n\r\nok")
-            .unwrap();
+        let r = parse_all_splits(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 2, 2\r\ncontent-length: 2\r\n\r\nok",
+        )
+        .unwrap();
         assert_eq!(&r.body[..], b"ok");
         for bad in [
             &b"HTTP/1.1 200 OK\r\nContent-Length: abc\r\n\r\n"[..],
@@ -891,7 +934,13 @@ mod tests {
 
     #[test]
     fn unsupported_transfer_encodings() {
-        for te in ["gzip", "gzip, chunked", "chunked, gzip", "chunked, chunked", "identity"] {
+        for te in [
+            "gzip",
+            "gzip, chunked",
+            "chunked, gzip",
+            "chunked, chunked",
+            "identity",
+        ] {
             let bytes = format!("HTTP/1.1 200 OK\r\nTransfer-Encoding: {te}\r\n\r\n0\r\n\r\n");
             assert_eq!(
                 parse_all_splits(bytes.as_bytes()),
@@ -917,7 +966,11 @@ mod tests {
         ] {
             let mut bytes = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
             bytes.extend_from_slice(body);
-            assert_eq!(parse_all_splits(&bytes), Err(HttpError::MalformedChunk), "{body:?}");
+            assert_eq!(
+                parse_all_splits(&bytes),
+                Err(HttpError::MalformedChunk),
+                "{body:?}"
+            );
         }
     }
 
@@ -934,14 +987,21 @@ mod tests {
             b"\r\n\r\n",
             b"\n\n",
         ] {
-            assert_eq!(parse_all_splits(bad), Err(HttpError::MalformedHead), "{bad:?}");
+            assert_eq!(
+                parse_all_splits(bad),
+                Err(HttpError::MalformedHead),
+                "{bad:?}"
+            );
         }
         let mut many = String::from("HTTP/1.1 200 OK\r\n");
         for i in 0..65 {
             many.push_str(&format!("X-{i}: v\r\n"));
         }
         many.push_str("\r\n");
-        assert_eq!(parse_all_splits(many.as_bytes()), Err(HttpError::TooManyHeaders));
+        assert_eq!(
+            parse_all_splits(many.as_bytes()),
+            Err(HttpError::TooManyHeaders)
+        );
     }
 
     #[test]
@@ -949,24 +1009,42 @@ mod tests {
         let mut bytes = b"HTTP/1.1 200 OK\r\nX-Big: ".to_vec();
         bytes.resize(17 * 1024, b'a');
         bytes.extend_from_slice(b"\r\nContent-Length: 0\r\n\r\n");
-        assert_eq!(run(&[&bytes], Limits::DEFAULT), Err(HttpError::HeadTooLarge));
+        assert_eq!(
+            run(&[&bytes], Limits::DEFAULT),
+            Err(HttpError::HeadTooLarge)
+        );
         let singles: Vec<&[u8]> = bytes.chunks(1).collect();
         assert_eq!(run(&singles, Limits::DEFAULT), Err(HttpError::HeadTooLarge));
         // Exactly at the limit is fine.
-        let limits = Limits { max_head: 38, max_body: 10 };
+        let limits = Limits {
+            max_head: 38,
+            max_body: 10,
+        };
         let head = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
         assert_eq!(head.len() - 2, 38);
         assert!(parse_all_splits_with(head, limits).is_ok());
-        let limits = Limits { max_head: 37, max_body: 10 };
-        assert_eq!(parse_all_splits_with(head, limits), Err(HttpError::HeadTooLarge));
+        let limits = Limits {
+            max_head: 37,
+            max_body: 10,
+        };
+        assert_eq!(
+            parse_all_splits_with(head, limits),
+            Err(HttpError::HeadTooLarge)
+        );
     }
 
     #[test]
     fn oversized_body() {
         let big = 64 * 1024 + 1;
         let bytes = format!("HTTP/1.1 200 OK\r\nContent-Length: {big}\r\n\r\n");
-        assert_eq!(run(&[bytes.as_bytes()], Limits::DEFAULT), Err(HttpError::BodyTooLarge));
-        let limits = Limits { max_head: 1024, max_body: 4 };
+        assert_eq!(
+            run(&[bytes.as_bytes()], Limits::DEFAULT),
+            Err(HttpError::BodyTooLarge)
+        );
+        let limits = Limits {
+            max_head: 1024,
+            max_body: 4,
+        };
         let cases: [&[u8]; 4] = [
             b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello",
             b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
@@ -974,10 +1052,17 @@ mod tests {
             b"HTTP/1.1 200 OK\r\n\r\nhello",
         ];
         for bytes in cases {
-            assert_eq!(parse_all_splits_with(bytes, limits), Err(HttpError::BodyTooLarge));
+            assert_eq!(
+                parse_all_splits_with(bytes, limits),
+                Err(HttpError::BodyTooLarge)
+            );
         }
-        let ok: &[u8] = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nhell\r\n0\r\n\r\n";
-        assert_eq!(&parse_all_splits_with(ok, limits).unwrap().body[..], b"hell");
+        let ok: &[u8] =
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nhell\r\n0\r\n\r\n";
+        assert_eq!(
+            &parse_all_splits_with(ok, limits).unwrap().body[..],
+            b"hell"
+        );
         // A chunk size that overflows u64.
         let huge: &[u8] =
             b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1FFFFFFFFFFFFFFFFF\r\n";
@@ -986,7 +1071,10 @@ mod tests {
 
     #[test]
     fn oversized_chunk_metadata() {
-        let limits = Limits { max_head: 64, max_body: 1024 };
+        let limits = Limits {
+            max_head: 64,
+            max_body: 1024,
+        };
         let mut bytes = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1;".to_vec();
         bytes.resize(bytes.len() + 100, b'x');
         assert_eq!(run(&[&bytes], limits), Err(HttpError::HeadTooLarge));
@@ -1002,14 +1090,19 @@ mod tests {
             b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n",
             b"HTTP/1.1 100 Continue\r\n\r\n",
         ] {
-            assert_eq!(run(&[bytes], Limits::DEFAULT), Err(HttpError::Truncated), "{bytes:?}");
+            assert_eq!(
+                run(&[bytes], Limits::DEFAULT),
+                Err(HttpError::Truncated),
+                "{bytes:?}"
+            );
         }
     }
 
     #[test]
     fn errors_are_sticky_and_clear_buffers() {
         let mut p = ResponseParser::new();
-        p.feed(b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\nsecr").unwrap();
+        p.feed(b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\nsecr")
+            .unwrap();
         assert_eq!(p.finish(), Err(HttpError::Truncated));
         assert_eq!(p.body.len(), 0);
         assert_eq!(p.feed(b"et"), Err(HttpError::Truncated));
@@ -1023,7 +1116,8 @@ mod tests {
         let d = format!("{r:?}");
         assert!(!d.contains("SECRET") && d.contains("body_len: 6"), "{d}");
         let mut p = ResponseParser::new();
-        p.feed(b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\nSECRET").unwrap();
+        p.feed(b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\nSECRET")
+            .unwrap();
         assert!(!format!("{p:?}").contains("SECRET"));
     }
 

@@ -1,6 +1,9 @@
 #![no_std]
 #![doc = include_str!("../README.md")]
-#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
+#![cfg_attr(
+    not(test),
+    deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)
+)]
 #![warn(missing_docs)]
 
 extern crate alloc;
@@ -16,12 +19,12 @@ pub mod schedule;
 pub mod secret;
 pub mod time;
 
-pub mod blocking;
 #[cfg(feature = "async")]
 pub mod asynch;
+pub mod blocking;
 
-pub use credentials::{Credentials, Issued};
 pub use blocking::{FetchError, Fetched};
+pub use credentials::{Credentials, Issued};
 pub use exchange::{ErrorClass, ExchangeError, parse_credentials, parse_response};
 pub use http::{HttpError, Limits, Response, ResponseParser, RetryAfter};
 pub use render::Format;

@@ -82,7 +82,12 @@ impl Format {
     /// skew-corrected one, SPEC §3). `profile` names the INI profile; other formats ignore it.
     ///
     /// JSON formats end without a newline; `ini` and `env` end with one.
-    pub fn render(self, profile: &str, creds: &Credentials, expiration: UnixTime) -> Zeroizing<String> {
+    pub fn render(
+        self,
+        profile: &str,
+        creds: &Credentials,
+        expiration: UnixTime,
+    ) -> Zeroizing<String> {
         let mut counter = Counter(0);
         // Neither sink can fail.
         let _ = self.write(&mut counter, profile, creds, expiration);
@@ -123,7 +128,10 @@ impl Format {
             }
             Format::Ini => {
                 w.write_char('[')?;
-                for c in profile.chars().filter(|&c| !c.is_control() && c != '[' && c != ']') {
+                for c in profile
+                    .chars()
+                    .filter(|&c| !c.is_control() && c != '[' && c != ']')
+                {
                     w.write_char(c)?;
                 }
                 w.write_str("]\naws_access_key_id = ")?;
@@ -239,7 +247,11 @@ mod tests {
 
     fn render(f: Format, c: &Credentials) -> String {
         let out = f.render("default", c, EXP);
-        assert_eq!(out.capacity(), out.len(), "exactly sized, never reallocated");
+        assert_eq!(
+            out.capacity(),
+            out.len(),
+            "exactly sized, never reallocated"
+        );
         out.as_str().into()
     }
 
@@ -292,9 +304,7 @@ mod tests {
     fn json_escaping_for_any_string() {
         let nasty = "q\"b\\s/n\nr\rt\tb\u{8}f\u{c}\u{1}\u{1f}\u{7f}é€😀";
         let out = render(Format::ContainerJson, &creds(nasty, nasty, nasty));
-        assert!(out.contains(
-            r#""q\"b\\s/n\nr\rt\tb\bf\f\u0001\u001f"#
-        ));
+        assert!(out.contains(r#""q\"b\\s/n\nr\rt\tb\bf\f\u0001\u001f"#));
         let v: serde_json::Value = serde_json::from_str(&out).unwrap();
         for k in ["AccessKeyId", "SecretAccessKey", "Token"] {
             assert_eq!(v[k], nasty);
@@ -307,7 +317,12 @@ mod tests {
 
     #[test]
     fn format_names() {
-        for f in [Format::ContainerJson, Format::CredentialProcess, Format::Ini, Format::Env] {
+        for f in [
+            Format::ContainerJson,
+            Format::CredentialProcess,
+            Format::Ini,
+            Format::Env,
+        ] {
             assert_eq!(f.name().parse::<Format>(), Ok(f));
             assert_eq!(alloc::format!("{f}"), f.name());
         }

@@ -338,7 +338,8 @@ fn validate_host(host: &str) -> Result<(), ConfigError> {
 fn is_ipv6_text(s: &str) -> bool {
     (2..=45).contains(&s.len())
         && s.contains(':')
-        && s.bytes().all(|c| c.is_ascii_hexdigit() || c == b':' || c == b'.')
+        && s.bytes()
+            .all(|c| c.is_ascii_hexdigit() || c == b':' || c == b'.')
 }
 
 fn validate_user_agent(ua: &str) -> Result<(), ConfigError> {
@@ -420,14 +421,23 @@ mod tests {
             ConfigError::RoleAliasCharacter('/').to_string(),
             "role alias contains '/'; only letters, digits and _=,@- are allowed"
         );
-        assert!(ConfigError::DurationRange(5).to_string().contains("900 to 43200"));
+        assert!(
+            ConfigError::DurationRange(5)
+                .to_string()
+                .contains("900 to 43200")
+        );
     }
 
     #[test]
     fn exact_bytes_minimal() {
         let alias = RoleAlias::new("GatewayRole").unwrap();
-        let req = Request::new("c2.credentials.iot.eu-west-1.amazonaws.com", 443, &alias, "iotcred/0.1.0")
-            .unwrap();
+        let req = Request::new(
+            "c2.credentials.iot.eu-west-1.amazonaws.com",
+            443,
+            &alias,
+            "iotcred/0.1.0",
+        )
+        .unwrap();
         assert_eq!(
             req.to_bytes(),
             b"GET /role-aliases/GatewayRole/credentials HTTP/1.1\r\n\
@@ -474,11 +484,29 @@ mod tests {
     #[test]
     fn bad_hosts_and_user_agents() {
         let alias = RoleAlias::new("R").unwrap();
-        for host in ["", "a b", "a\r\nX: y", "[]", "[::1", "-a", "host/x", "::1%eth0", "ä.com"] {
-            assert_eq!(Request::new(host, 443, &alias, "ua").err(), Some(ConfigError::Host), "{host:?}");
+        for host in [
+            "",
+            "a b",
+            "a\r\nX: y",
+            "[]",
+            "[::1",
+            "-a",
+            "host/x",
+            "::1%eth0",
+            "ä.com",
+        ] {
+            assert_eq!(
+                Request::new(host, 443, &alias, "ua").err(),
+                Some(ConfigError::Host),
+                "{host:?}"
+            );
         }
         for ua in ["", " ua", "ua ", "u\na", "ü"] {
-            assert_eq!(Request::new("h", 443, &alias, ua).err(), Some(ConfigError::UserAgent), "{ua:?}");
+            assert_eq!(
+                Request::new("h", 443, &alias, ua).err(),
+                Some(ConfigError::UserAgent),
+                "{ua:?}"
+            );
         }
         assert!(Request::new("h", 443, &alias, &"u".repeat(257)).is_err());
     }

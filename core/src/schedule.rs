@@ -276,6 +276,10 @@ impl Schedule {
     /// return [`Action::Fetch`] — right away, or once the backoff after a failure has passed
     /// (then [`poll_timeout`](Self::poll_timeout) says when). A demand while a fetch is in
     /// flight is answered by that fetch. In [`Mode::Proactive`] the demand is only recorded.
+    ///
+    /// Whatever the mode, the client is served when [`servable`](Self::servable) holds (after
+    /// waiting for a fetch in flight, if any); otherwise it gets 503 with a `Retry-After` of
+    /// [`next_retry`](Self::next_retry) minus now, when that is set.
     pub fn handle_demand(&mut self, now: Instant) {
         let now = self.advance(now);
         self.demanded = true;

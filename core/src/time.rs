@@ -52,12 +52,15 @@ impl Instant {
 
     /// `self − earlier`, or `None` when `earlier` is later.
     pub fn checked_duration_since(self, earlier: Instant) -> Option<Duration> {
-        self.millis.checked_sub(earlier.millis).map(Duration::from_millis)
+        self.millis
+            .checked_sub(earlier.millis)
+            .map(Duration::from_millis)
     }
 
     /// `self − earlier`, or zero when `earlier` is later.
     pub fn saturating_duration_since(self, earlier: Instant) -> Duration {
-        self.checked_duration_since(earlier).unwrap_or(Duration::ZERO)
+        self.checked_duration_since(earlier)
+            .unwrap_or(Duration::ZERO)
     }
 
     /// `self + d`, saturating at the end of time.
@@ -149,7 +152,9 @@ impl From<std::time::SystemTime> for UnixTime {
     fn from(t: std::time::SystemTime) -> Self {
         match t.duration_since(std::time::UNIX_EPOCH) {
             Ok(d) => UnixTime::from_secs(i64::try_from(d.as_secs()).unwrap_or(i64::MAX)),
-            Err(e) => UnixTime::from_secs(-i64::try_from(e.duration().as_secs()).unwrap_or(i64::MAX)),
+            Err(e) => {
+                UnixTime::from_secs(-i64::try_from(e.duration().as_secs()).unwrap_or(i64::MAX))
+            }
         }
     }
 }
@@ -588,8 +593,14 @@ pub(crate) mod tests {
         assert_eq!(rfc("1969-12-31T23:59:59Z"), Ok(-1));
         assert_eq!(rfc("2000-02-29T00:00:00Z"), Ok(951_782_400));
         assert_eq!(rfc("2024-02-29T23:59:59Z"), Ok(1_709_251_199));
-        assert_eq!(rfc("0000-01-01T00:00:00Z"), Ok(UnixTime::MIN_FORMATTABLE.as_secs()));
-        assert_eq!(rfc("9999-12-31T23:59:59Z"), Ok(UnixTime::MAX_FORMATTABLE.as_secs()));
+        assert_eq!(
+            rfc("0000-01-01T00:00:00Z"),
+            Ok(UnixTime::MIN_FORMATTABLE.as_secs())
+        );
+        assert_eq!(
+            rfc("9999-12-31T23:59:59Z"),
+            Ok(UnixTime::MAX_FORMATTABLE.as_secs())
+        );
     }
 
     #[test]
@@ -666,12 +677,18 @@ pub(crate) mod tests {
 
     #[test]
     fn rfc3339_format() {
-        assert_eq!(UnixTime::EPOCH.rfc3339().to_string(), "1970-01-01T00:00:00Z");
+        assert_eq!(
+            UnixTime::EPOCH.rfc3339().to_string(),
+            "1970-01-01T00:00:00Z"
+        );
         assert_eq!(
             UnixTime::from_secs(1_767_268_800).rfc3339().to_string(),
             "2026-01-01T12:00:00Z"
         );
-        assert_eq!(UnixTime::from_secs(-1).rfc3339().to_string(), "1969-12-31T23:59:59Z");
+        assert_eq!(
+            UnixTime::from_secs(-1).rfc3339().to_string(),
+            "1969-12-31T23:59:59Z"
+        );
         assert_eq!(
             UnixTime::from_secs(951_868_799).rfc3339().to_string(),
             "2000-02-29T23:59:59Z"
@@ -729,7 +746,10 @@ pub(crate) mod tests {
             UnixTime::from_secs(784_111_777).http_date().to_string(),
             "Sun, 06 Nov 1994 08:49:37 GMT"
         );
-        assert_eq!(UnixTime::EPOCH.http_date().to_string(), "Thu, 01 Jan 1970 00:00:00 GMT");
+        assert_eq!(
+            UnixTime::EPOCH.http_date().to_string(),
+            "Thu, 01 Jan 1970 00:00:00 GMT"
+        );
         assert_eq!(
             UnixTime::from_secs(i64::MAX).http_date().to_string(),
             "Fri, 31 Dec 9999 23:59:59 GMT"
@@ -760,9 +780,20 @@ pub(crate) mod tests {
     fn unix_time_arithmetic() {
         let t = UnixTime::from_secs(100);
         assert_eq!(t.saturating_sub(Duration::from_secs(30)).as_secs(), 70);
-        assert_eq!(t.saturating_duration_since(UnixTime::from_secs(130)), Duration::ZERO);
-        assert_eq!(t.saturating_duration_since(UnixTime::from_secs(40)), Duration::from_secs(60));
-        assert_eq!(UnixTime::from_secs(i64::MIN).saturating_sub(Duration::MAX).as_secs(), i64::MIN);
+        assert_eq!(
+            t.saturating_duration_since(UnixTime::from_secs(130)),
+            Duration::ZERO
+        );
+        assert_eq!(
+            t.saturating_duration_since(UnixTime::from_secs(40)),
+            Duration::from_secs(60)
+        );
+        assert_eq!(
+            UnixTime::from_secs(i64::MIN)
+                .saturating_sub(Duration::MAX)
+                .as_secs(),
+            i64::MIN
+        );
     }
 
     #[test]

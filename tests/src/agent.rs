@@ -33,12 +33,22 @@ pub fn iotcred_bin() -> PathBuf {
         let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
         let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml");
         let mut cmd = Command::new(cargo);
-        cmd.args(["build", "--quiet", "-p", "iotcred-agent", "--bin", "iotcred", "--manifest-path"])
-            .arg(&manifest);
+        cmd.args([
+            "build",
+            "--quiet",
+            "-p",
+            "iotcred-agent",
+            "--bin",
+            "iotcred",
+            "--manifest-path",
+        ])
+        .arg(&manifest);
         if profile_dir.file_name().is_some_and(|n| n == "release") {
             cmd.arg("--release");
         }
-        let status = cmd.status().expect("running cargo build for the iotcred binary");
+        let status = cmd
+            .status()
+            .expect("running cargo build for the iotcred binary");
         assert!(status.success(), "cargo build -p iotcred-agent failed");
         assert!(bin.exists(), "{} missing after build", bin.display());
         bin
@@ -140,14 +150,21 @@ impl Env {
                 self.runtime_dir().join("credentials").display()
             ));
         }
-        let path = self.path().join(format!("config-{}.toml", self.logs.lock().unwrap().len()));
+        let path = self
+            .path()
+            .join(format!("config-{}.toml", self.logs.lock().unwrap().len()));
         std::fs::write(&path, t).expect("write config");
         path
     }
 
     /// [`Env::config_with`] for the EC PEM device key and no extra settings.
     pub fn config(&self) -> PathBuf {
-        self.config_with(&self.pki.device_ec.cert, &self.pki.device_ec.key.display().to_string(), "", "")
+        self.config_with(
+            &self.pki.device_ec.cert,
+            &self.pki.device_ec.key.display().to_string(),
+            "",
+            "",
+        )
     }
 
     fn command(&self, args: &[&str]) -> Command {
@@ -200,10 +217,14 @@ impl Env {
 
     /// Starts `iotcred run --config config`.
     pub fn start_agent(&self, config: &Path) -> Agent {
-        let notify_path = self.path().join(format!("notify-{}.sock", self.logs.lock().unwrap().len()));
+        let notify_path = self
+            .path()
+            .join(format!("notify-{}.sock", self.logs.lock().unwrap().len()));
         let _ = std::fs::remove_file(&notify_path);
         let notify = UnixDatagram::bind(&notify_path).expect("notify socket");
-        let log_path = self.path().join(format!("agent-{}.log", self.logs.lock().unwrap().len()));
+        let log_path = self
+            .path()
+            .join(format!("agent-{}.log", self.logs.lock().unwrap().len()));
         let log = std::fs::File::create(&log_path).expect("log file");
         let child = self
             .command(&["run", "--config", &config.display().to_string()])
@@ -242,10 +263,16 @@ impl Env {
                     !log.contains(&c.secret_access_key),
                     "log {i} contains a secret access key:\n{log}"
                 );
-                assert!(!log.contains(&c.session_token), "log {i} contains a session token:\n{log}");
+                assert!(
+                    !log.contains(&c.session_token),
+                    "log {i} contains a session token:\n{log}"
+                );
             }
             for s in extra {
-                assert!(s.is_empty() || !log.contains(s), "log {i} contains a secret {s:?}");
+                assert!(
+                    s.is_empty() || !log.contains(s),
+                    "log {i} contains a secret {s:?}"
+                );
             }
         }
     }
@@ -285,7 +312,11 @@ pub struct Agent {
 
 impl Agent {
     /// Waits (at most `limit`) for an sd_notify message for which `pred` holds; returns it.
-    pub fn wait_notify(&mut self, limit: Duration, mut pred: impl FnMut(&str) -> bool) -> Option<String> {
+    pub fn wait_notify(
+        &mut self,
+        limit: Duration,
+        mut pred: impl FnMut(&str) -> bool,
+    ) -> Option<String> {
         if let Some(m) = self.messages.iter().find(|m| pred(m)) {
             return Some(m.clone());
         }
@@ -293,7 +324,9 @@ impl Agent {
         let mut buf = vec![0u8; 4096];
         loop {
             let left = deadline.checked_duration_since(Instant::now())?;
-            self.notify.set_read_timeout(Some(left.max(Duration::from_millis(1)))).ok()?;
+            self.notify
+                .set_read_timeout(Some(left.max(Duration::from_millis(1))))
+                .ok()?;
             match self.notify.recv(&mut buf) {
                 Ok(n) => {
                     let m = String::from_utf8_lossy(&buf[..n]).into_owned();
@@ -313,12 +346,15 @@ impl Agent {
 
     /// Waits for `READY=1` (at most `limit`).
     pub fn wait_ready(&mut self, limit: Duration) -> bool {
-        self.wait_notify(limit, |m| m.lines().any(|l| l == "READY=1")).is_some()
+        self.wait_notify(limit, |m| m.lines().any(|l| l == "READY=1"))
+            .is_some()
     }
 
     /// Whether the process has exited.
     pub fn exited(&mut self) -> bool {
-        self.child.as_mut().is_none_or(|c| matches!(c.try_wait(), Ok(Some(_))))
+        self.child
+            .as_mut()
+            .is_none_or(|c| matches!(c.try_wait(), Ok(Some(_))))
     }
 
     /// The process id.
@@ -344,7 +380,10 @@ impl Agent {
     /// SIGTERM, wait (bounded), and return (exit code, log). The log is also kept in `env`.
     pub fn stop(mut self, env: &Env) -> (Option<i32>, String) {
         self.signal(libc::SIGTERM);
-        let code = self.child.take().and_then(|mut c| wait_bounded(&mut c, Duration::from_secs(20)));
+        let code = self
+            .child
+            .take()
+            .and_then(|mut c| wait_bounded(&mut c, Duration::from_secs(20)));
         let log = self.log();
         env.keep_log(log.clone());
         (code, log)

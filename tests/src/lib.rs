@@ -16,12 +16,12 @@
 pub mod agent;
 pub mod pki;
 pub mod provider;
-pub mod timefmt;
 pub mod softhsm;
+pub mod timefmt;
 pub mod tpm;
 
 pub use pki::{CertKey, KeyAlgorithm, Pki, ServerCert};
 pub use provider::{
-    BlockingProvider, Error, Fault, FakeProvider, IssuedCredentials, ProviderConfig,
+    BlockingProvider, Error, FakeProvider, Fault, IssuedCredentials, ProviderConfig,
     ProviderHandle, RequestRecord, Stats, TlsVersions,
 };

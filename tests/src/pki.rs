@@ -27,9 +27,8 @@ use std::process::Command;
 use std::time::SystemTime;
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose,
-    IsCa, Issuer, KeyPair, KeyUsagePurpose, PKCS_ECDSA_P256_SHA256, SerialNumber,
-    SubjectPublicKeyInfo,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, PKCS_ECDSA_P256_SHA256, SerialNumber, SubjectPublicKeyInfo,
 };
 
 use crate::provider::{Error, ProviderConfig};
@@ -181,8 +180,7 @@ impl Pki {
         let expired_device = device("device-expired", ec, &ca, today - 30, today - 1, "")?;
         let not_yet_valid_device =
             device("device-not-yet-valid", ec, &ca, today + 2, today + 365, "")?;
-        let untrusted_device =
-            device("device-untrusted", ec, &bad_ca, today - 1, today + 365, "")?;
+        let untrusted_device = device("device-untrusted", ec, &bad_ca, today - 1, today + 365, "")?;
 
         Ok(Pki {
             dir: dir.to_path_buf(),

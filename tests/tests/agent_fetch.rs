@@ -19,7 +19,10 @@ fn fetch(env: &Env, config: &std::path::Path, extra: &[&str]) -> iotcred_tests::
 /// Asserts a successful fetch printed exactly what the provider issued last.
 fn assert_fetched(env: &Env, out: &iotcred_tests::agent::Output) {
     assert_eq!(out.code, 0, "stderr: {}", out.stderr);
-    let issued = env.provider.last_issued().expect("provider issued credentials");
+    let issued = env
+        .provider
+        .last_issued()
+        .expect("provider issued credentials");
     let v = json(&out.stdout);
     assert_eq!(v["AccessKeyId"], issued.access_key_id.as_str());
     assert_eq!(v["SecretAccessKey"], issued.secret_access_key.as_str());
@@ -28,7 +31,10 @@ fn assert_fetched(env: &Env, out: &iotcred_tests::agent::Output) {
     assert!(exp.ends_with('Z') && exp.len() == 20, "{exp}");
     let req = env.provider.requests().pop().unwrap();
     assert_eq!(req.thing_name.as_deref(), Some(THING));
-    assert_eq!(req.user_agent.as_deref(), Some(concat!("iotcred/", env!("CARGO_PKG_VERSION"))));
+    assert_eq!(
+        req.user_agent.as_deref(),
+        Some(concat!("iotcred/", env!("CARGO_PKG_VERSION")))
+    );
     assert_eq!(req.alias.as_deref(), Some("GatewayRole"));
     assert_eq!(req.client_cn.as_deref(), Some(THING));
     assert_eq!(req.sni.as_deref(), Some("localhost"));
@@ -42,7 +48,11 @@ fn fetch_with_pem_ec_key_tls13_and_tls12() {
         let env = Env::with_provider(|c| c.tls_versions = versions);
         let out = fetch(&env, &env.config(), &[]);
         assert_fetched(&env, &out);
-        let want = if versions == TlsVersions::Tls13Only { "TLSv1.3" } else { "TLSv1.2" };
+        let want = if versions == TlsVersions::Tls13Only {
+            "TLSv1.3"
+        } else {
+            "TLSv1.2"
+        };
         assert_eq!(env.provider.requests()[0].tls_version, want);
         env.assert_no_secrets(&[]);
     }
@@ -71,7 +81,10 @@ fn fetch_with_chain_and_duration() {
     );
     let out = fetch(&env, &cfg, &[]);
     assert_eq!(out.code, 0, "{}", out.stderr);
-    assert_eq!(env.provider.requests()[0].duration_seconds.as_deref(), Some("900"));
+    assert_eq!(
+        env.provider.requests()[0].duration_seconds.as_deref(),
+        Some("900")
+    );
     let issued = env.provider.last_issued().unwrap();
     assert_eq!(issued.expiration_unix - issued.server_time_unix, 900);
 }
@@ -90,11 +103,21 @@ fn fetch_formats() {
     let out = fetch(&env, &cfg, &["--format", "ini"]);
     let issued = env.provider.last_issued().unwrap();
     assert!(out.stdout.starts_with("[default]\n"), "{}", out.stdout);
-    assert!(out.stdout.contains(&format!("aws_access_key_id = {}\n", issued.access_key_id)));
+    assert!(
+        out.stdout
+            .contains(&format!("aws_access_key_id = {}\n", issued.access_key_id))
+    );
 
     let out = fetch(&env, &cfg, &["--format", "env"]);
     let issued = env.provider.last_issued().unwrap();
-    assert!(out.stdout.contains(&format!("export AWS_ACCESS_KEY_ID={}", issued.access_key_id)), "{}", out.stdout);
+    assert!(
+        out.stdout.contains(&format!(
+            "export AWS_ACCESS_KEY_ID={}",
+            issued.access_key_id
+        )),
+        "{}",
+        out.stdout
+    );
 
     let out = fetch(&env, &cfg, &["--role", "nope"]);
     assert_eq!(out.code, 2, "{}", out.stderr);
@@ -106,7 +129,9 @@ fn thing_mismatch_is_permanent_with_fix() {
     let env = Env::new();
     let k = env.pki.device_ec.key.display().to_string();
     let cfg = env.config_with(&env.pki.device_ec.cert, &k, "", "");
-    let text = std::fs::read_to_string(&cfg).unwrap().replace(THING, "other-thing");
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace(THING, "other-thing");
     std::fs::write(&cfg, text).unwrap();
     let out = fetch(&env, &cfg, &[]);
     assert_eq!(out.code, 3, "{}", out.stderr);
@@ -116,7 +141,11 @@ fn thing_mismatch_is_permanent_with_fix() {
         "{}",
         out.stderr
     );
-    assert!(out.stderr.contains("Invalid thing name passed"), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("Invalid thing name passed"),
+        "{}",
+        out.stderr
+    );
 }
 
 #[test]
@@ -131,7 +160,12 @@ fn unknown_alias_is_permanent() {
     );
     let out = fetch(&env, &cfg, &[]);
     assert_eq!(out.code, 3, "{}", out.stderr);
-    assert!(out.stderr.contains("role alias NoSuchAlias not found (404)"), "{}", out.stderr);
+    assert!(
+        out.stderr
+            .contains("role alias NoSuchAlias not found (404)"),
+        "{}",
+        out.stderr
+    );
 }
 
 #[test]
@@ -146,12 +180,19 @@ fn transient_failures_exit_4() {
         (Fault::MalformedJson, "unusable"),
         (Fault::OversizedBody { bytes: None }, "unusable"),
         (Fault::Expired, "unusable"),
-        (Fault::SlowHeaders { delay: Duration::from_secs(30) }, "within 2 s"),
+        (
+            Fault::SlowHeaders {
+                delay: Duration::from_secs(30),
+            },
+            "within 2 s",
+        ),
     ];
     let env = Env::new();
     let k = env.pki.device_ec.key.display().to_string();
     let cfg = env.config_with(&env.pki.device_ec.cert, &k, "timeout_seconds = 2", "");
-    let text = std::fs::read_to_string(&cfg).unwrap().replace("timeout_seconds = 5\n", "");
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("timeout_seconds = 5\n", "");
     std::fs::write(&cfg, text).unwrap();
     for (fault, expect) in cases {
         env.provider.clear_faults();
@@ -159,7 +200,15 @@ fn transient_failures_exit_4() {
         let out = fetch(&env, &cfg, &[]);
         assert_eq!(out.code, 4, "{fault:?}: {}", out.stderr);
         assert!(out.stderr.contains(expect), "{fault:?}: {}", out.stderr);
-        assert!(out.stderr.lines().filter(|l| l.starts_with("iotcred:")).count() == 1, "{}", out.stderr);
+        assert!(
+            out.stderr
+                .lines()
+                .filter(|l| l.starts_with("iotcred:"))
+                .count()
+                == 1,
+            "{}",
+            out.stderr
+        );
     }
     env.provider.clear_faults();
     assert_eq!(fetch(&env, &cfg, &[]).code, 0);
@@ -168,19 +217,32 @@ fn transient_failures_exit_4() {
 
 #[test]
 fn untrusted_or_expired_server_certificate_exit_4() {
-    for (server, expect) in [(ServerCert::Untrusted, "not trusted"), (ServerCert::Expired, "expired")] {
+    for (server, expect) in [
+        (ServerCert::Untrusted, "not trusted"),
+        (ServerCert::Expired, "expired"),
+    ] {
         let dir = tempfile::tempdir().unwrap();
         let pki = iotcred_tests::Pki::generate(dir.path(), THING).unwrap();
-        let provider = iotcred_tests::BlockingProvider::start(pki.provider_config_with(server)).unwrap();
+        let provider =
+            iotcred_tests::BlockingProvider::start(pki.provider_config_with(server)).unwrap();
         let env = Env::new();
         let cfg = env.config();
         // Point the config at the misbehaving provider, trusting the first PKI's CA.
         let text = std::fs::read_to_string(&cfg)
             .unwrap()
             .replace(&env.endpoint(), &provider.endpoint())
-            .replace(&env.pki.ca_cert.display().to_string(), &pki.ca_cert.display().to_string())
-            .replace(&env.pki.device_ec.cert.display().to_string(), &pki.device_ec.cert.display().to_string())
-            .replace(&env.pki.device_ec.key.display().to_string(), &pki.device_ec.key.display().to_string());
+            .replace(
+                &env.pki.ca_cert.display().to_string(),
+                &pki.ca_cert.display().to_string(),
+            )
+            .replace(
+                &env.pki.device_ec.cert.display().to_string(),
+                &pki.device_ec.cert.display().to_string(),
+            )
+            .replace(
+                &env.pki.device_ec.key.display().to_string(),
+                &pki.device_ec.key.display().to_string(),
+            );
         std::fs::write(&cfg, text).unwrap();
         let out = fetch(&env, &cfg, &[]);
         assert_eq!(out.code, 4, "{server:?}: {}", out.stderr);
@@ -196,7 +258,11 @@ fn client_certificate_rejected_by_endpoint() {
     let cfg = env.config_with(&env.pki.untrusted_device.cert, &k, "", "");
     let out = fetch(&env, &cfg, &[]);
     assert_eq!(out.code, 4, "{}", out.stderr);
-    assert!(out.stderr.contains("rejected the device certificate"), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("rejected the device certificate"),
+        "{}",
+        out.stderr
+    );
 }
 
 #[test]
@@ -204,7 +270,11 @@ fn connection_refused_exit_4() {
     let env = Env::new();
     let cfg = env.config();
     // A port nothing listens on: bind, learn the port, close.
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let text = std::fs::read_to_string(&cfg)
         .unwrap()
         .replace(&env.endpoint(), &format!("localhost:{port}"));
@@ -222,33 +292,61 @@ fn bad_config_exit_2_naming_the_key() {
     std::fs::write(&cfg, format!("colour = \"blue\"\n{text}")).unwrap();
     let out = fetch(&env, &cfg, &[]);
     assert_eq!(out.code, 2, "{}", out.stderr);
-    assert!(out.stderr.contains("colour") && out.stderr.contains("line 1"), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("colour") && out.stderr.contains("line 1"),
+        "{}",
+        out.stderr
+    );
 
     let out = env.run(&["fetch", "--config", "/nonexistent/iotcred.toml"]);
     assert_eq!(out.code, 2);
-    assert!(out.stderr.contains("/nonexistent/iotcred.toml"), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("/nonexistent/iotcred.toml"),
+        "{}",
+        out.stderr
+    );
 
     // Certificate that does not match the key.
     let k = env.pki.device_rsa.key.display().to_string();
     let cfg = env.config_with(&env.pki.device_ec.cert, &k, "", "");
     let out = fetch(&env, &cfg, &[]);
     assert_eq!(out.code, 2, "{}", out.stderr);
-    assert!(out.stderr.contains("does not match the private key"), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("does not match the private key"),
+        "{}",
+        out.stderr
+    );
 
     // Expired and not-yet-valid device certificates.
     let k = env.pki.expired_device.key.display().to_string();
-    let out = fetch(&env, &env.config_with(&env.pki.expired_device.cert, &k, "", ""), &[]);
+    let out = fetch(
+        &env,
+        &env.config_with(&env.pki.expired_device.cert, &k, "", ""),
+        &[],
+    );
     assert_eq!(out.code, 2, "{}", out.stderr);
     assert!(out.stderr.contains("expired"), "{}", out.stderr);
     let k = env.pki.not_yet_valid_device.key.display().to_string();
-    let out = fetch(&env, &env.config_with(&env.pki.not_yet_valid_device.cert, &k, "", ""), &[]);
+    let out = fetch(
+        &env,
+        &env.config_with(&env.pki.not_yet_valid_device.cert, &k, "", ""),
+        &[],
+    );
     assert_eq!(out.code, 2, "{}", out.stderr);
     assert!(out.stderr.contains("clock"), "{}", out.stderr);
 
     // Missing key file.
-    let out = fetch(&env, &env.config_with(&env.pki.device_ec.cert, "/nonexistent/key.pem", "", ""), &[]);
+    let out = fetch(
+        &env,
+        &env.config_with(&env.pki.device_ec.cert, "/nonexistent/key.pem", "", ""),
+        &[],
+    );
     assert_eq!(out.code, 2, "{}", out.stderr);
-    assert!(out.stderr.contains("/nonexistent/key.pem"), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("/nonexistent/key.pem"),
+        "{}",
+        out.stderr
+    );
     assert_eq!(env.provider.stats().requests, 0);
 }
 
@@ -259,19 +357,82 @@ fn check_and_check_fetch() {
     let c = cfg.display().to_string();
     let out = env.run(&["check", "--config", &c]);
     assert_eq!(out.code, 0, "{}", out.stderr);
-    assert!(out.stdout.contains("certificate matches the key"), "{}", out.stdout);
-    assert_eq!(env.provider.stats().requests, 0, "check without --fetch must not call upstream");
+    assert!(
+        out.stdout.contains("certificate matches the key"),
+        "{}",
+        out.stdout
+    );
+    assert_eq!(
+        env.provider.stats().requests,
+        0,
+        "check without --fetch must not call upstream"
+    );
 
     let out = env.run(&["check", "--config", &c, "--fetch"]);
     assert_eq!(out.code, 0, "{}", out.stderr);
     let issued = env.provider.last_issued().unwrap();
     let last4 = &issued.access_key_id[issued.access_key_id.len() - 4..];
     assert!(out.stdout.contains(&format!("…{last4}")), "{}", out.stdout);
-    assert!(!out.stdout.contains(&issued.access_key_id), "full access key id printed");
+    assert!(
+        !out.stdout.contains(&issued.access_key_id),
+        "full access key id printed"
+    );
     env.keep_log(out.stdout.clone());
     env.assert_no_secrets(&[]);
 
     env.provider.set_fault(Fault::status(403));
     let out = env.run(&["check", "--config", &c, "--fetch"]);
     assert_eq!(out.code, 3, "{}", out.stderr);
+}
+
+/// A minimal HTTP CONNECT proxy on loopback: records each CONNECT target, then tunnels bytes.
+fn start_connect_proxy() -> (u16, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+    use std::io::{BufRead, BufReader, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen2 = seen.clone();
+    std::thread::spawn(move || {
+        for client in listener.incoming() {
+            let Ok(client) = client else { return };
+            let seen = seen2.clone();
+            std::thread::spawn(move || {
+                let mut reader = BufReader::new(client.try_clone().unwrap());
+                let mut line = String::new();
+                reader.read_line(&mut line).unwrap();
+                let target = line.split_whitespace().nth(1).unwrap_or("").to_string();
+                loop {
+                    let mut h = String::new();
+                    if reader.read_line(&mut h).unwrap() <= 2 {
+                        break;
+                    }
+                }
+                seen.lock().unwrap().push(line.trim().to_string());
+                let upstream = std::net::TcpStream::connect(target.replace("localhost", "127.0.0.1")).unwrap();
+                let mut c = client;
+                c.write_all(b"HTTP/1.1 200 Connection established\r\n\r\n").unwrap();
+                let (mut c2, mut u2) = (c.try_clone().unwrap(), upstream.try_clone().unwrap());
+                let mut upstream = upstream;
+                let t = std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut u2, &mut c2);
+                    let _ = c2.shutdown(std::net::Shutdown::Write);
+                });
+                let _ = std::io::copy(&mut reader, &mut upstream);
+                let _ = upstream.shutdown(std::net::Shutdown::Write);
+                let _ = t.join();
+            });
+        }
+    });
+    (port, seen)
+}
+
+#[test]
+fn fetch_through_connect_proxy() {
+    let env = Env::new();
+    let (port, seen) = start_connect_proxy();
+    let k = env.pki.device_ec.key.display().to_string();
+    let cfg = env.config_with(&env.pki.device_ec.cert, &k, &format!("proxy = \"http://127.0.0.1:{port}\""), "");
+    assert_fetched(&env, &fetch(&env, &cfg, &[]));
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(seen, vec![format!("CONNECT {} HTTP/1.1", env.endpoint())]);
 }

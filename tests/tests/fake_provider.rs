@@ -29,8 +29,7 @@ fn pki() -> &'static Pki {
     PKI.get_or_init(|| {
         let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
             .join(format!("fake-provider-pki-{}", std::process::id()));
-        let pki = Pki::generate(&dir, THING).expect("generating the test PKI");
-        pki
+        Pki::generate(&dir, THING).expect("generating the test PKI")
     })
 }
 
@@ -221,6 +220,18 @@ async fn start() -> ProviderHandle {
     FakeProvider::start(pki().provider_config()).await.unwrap()
 }
 
+/// Nothing listens on `addr` any more. (A connect may still succeed by TCP self-connect when the
+/// kernel happens to pick the same port as the source port; that is not a listener.)
+fn assert_closed(addr: SocketAddr) {
+    if let Ok(s) = std::net::TcpStream::connect(addr) {
+        assert_eq!(
+            s.local_addr().unwrap(),
+            s.peer_addr().unwrap(),
+            "{addr} still listens"
+        );
+    }
+}
+
 fn now() -> i64 {
     timefmt::unix_seconds(SystemTime::now())
 }
@@ -232,7 +243,12 @@ fn date_of(resp: &Resp) -> i64 {
 
 /// Checks a success response against the spec and what the provider recorded.
 fn check_success(provider: &ProviderHandle, resp: &Resp, ttl: i64) {
-    assert_eq!(resp.status, 200, "body: {}", String::from_utf8_lossy(&resp.body));
+    assert_eq!(
+        resp.status,
+        200,
+        "body: {}",
+        String::from_utf8_lossy(&resp.body)
+    );
     assert_eq!(resp.header("content-type"), Some("application/json"));
     let json = resp.json();
     let c = &json["credentials"];
@@ -276,7 +292,12 @@ async fn mtls_success_with_ec_and_rsa_keys_on_both_tls_versions() {
     let reqs = provider.requests();
     assert_eq!(reqs.len(), 6);
     let tls: Vec<_> = reqs.iter().map(|r| r.tls_version.as_str()).collect();
-    assert_eq!(tls, ["TLSv1.3", "TLSv1.2", "TLSv1.3", "TLSv1.2", "TLSv1.3", "TLSv1.2"]);
+    assert_eq!(
+        tls,
+        [
+            "TLSv1.3", "TLSv1.2", "TLSv1.3", "TLSv1.2", "TLSv1.3", "TLSv1.2"
+        ]
+    );
     for r in &reqs {
         assert_eq!(r.alias.as_deref(), Some("GatewayRole"));
         assert_eq!(r.thing_name.as_deref(), Some(THING));
@@ -288,7 +309,7 @@ async fn mtls_success_with_ec_and_rsa_keys_on_both_tls_versions() {
     let stats = provider.stats();
     assert_eq!((stats.handshakes, stats.requests, stats.issued), (6, 6, 6));
     provider.shutdown().await;
-    assert!(TcpStream::connect(provider.addr()).await.is_err());
+    assert_closed(provider.addr());
 }
 
 #[tokio::test]
@@ -327,7 +348,10 @@ async fn thing_name_alias_and_duration_are_checked() {
     // Mismatch against the certificate's CN.
     let raw = request(PATH, &[], true).replace(THING, "someone-else");
     let r = get_with(addr, device_client(), &raw).await.unwrap();
-    assert_eq!((r.status, r.message().as_str()), (403, "Invalid thing name passed"));
+    assert_eq!(
+        (r.status, r.message().as_str()),
+        (403, "Invalid thing name passed")
+    );
 
     // Missing header: refused unless configured.
     let raw = request(PATH, &[], true).replace(&format!("x-amzn-iot-thingname: {THING}\r\n"), "");
@@ -335,7 +359,10 @@ async fn thing_name_alias_and_duration_are_checked() {
     assert_eq!(r.status, 400);
 
     let r = call("/role-aliases/NoSuchRole/credentials", vec![]).await;
-    assert_eq!((r.status, r.message().as_str()), (404, "Role alias does not exist"));
+    assert_eq!(
+        (r.status, r.message().as_str()),
+        (404, "Role alias does not exist")
+    );
     let r = call("/", vec![]).await;
     assert_eq!(r.status, 404);
     let r = call("/role-aliases/GatewayRole/other", vec![]).await;
@@ -345,10 +372,18 @@ async fn thing_name_alias_and_duration_are_checked() {
     let r = get_with(addr, device_client(), &raw).await.unwrap();
     assert_eq!(r.status, 405);
 
-    let r = call(PATH, vec![("x-amzn-iot-credential-duration-seconds", "1800")]).await;
+    let r = call(
+        PATH,
+        vec![("x-amzn-iot-credential-duration-seconds", "1800")],
+    )
+    .await;
     check_success(&provider, &r, 1800);
     for bad in ["899", "43201", "abc", "-1"] {
-        let raw = request(PATH, &[("x-amzn-iot-credential-duration-seconds", bad)], true);
+        let raw = request(
+            PATH,
+            &[("x-amzn-iot-credential-duration-seconds", bad)],
+            true,
+        );
         let r = get_with(addr, device_client(), &raw).await.unwrap();
         assert_eq!(r.status, 400, "{bad}");
         assert!(r.message().contains("duration"));
@@ -372,7 +407,9 @@ async fn missing_thing_name_allowed_when_configured() {
     let provider = FakeProvider::start(config).await.unwrap();
     let raw = request("/role-aliases/B/credentials", &[], true)
         .replace(&format!("x-amzn-iot-thingname: {THING}\r\n"), "");
-    let r = get_with(provider.addr(), device_client(), &raw).await.unwrap();
+    let r = get_with(provider.addr(), device_client(), &raw)
+        .await
+        .unwrap();
     check_success(&provider, &r, 1200);
     assert_eq!(provider.requests()[0].thing_name, None);
     let r = get(provider.addr()).await.unwrap();
@@ -400,7 +437,10 @@ async fn status_faults_once_and_persistent() {
     assert_eq!((r.status, r.header("retry-after")), (429, Some("7")));
     let r = get(addr).await.unwrap();
     assert_eq!(r.status, 503);
-    assert_eq!(r.header("retry-after"), Some("Wed, 21 Oct 2026 07:28:00 GMT"));
+    assert_eq!(
+        r.header("retry-after"),
+        Some("Wed, 21 Oct 2026 07:28:00 GMT")
+    );
     assert_eq!(r.message(), "slow down");
     // Queue drained: success again.
     check_success(&provider, &get(addr).await.unwrap(), 3600);
@@ -415,7 +455,11 @@ async fn status_faults_once_and_persistent() {
     assert_eq!(get(addr).await.unwrap().status, 500);
     provider.clear_faults();
     assert_eq!(get(addr).await.unwrap().status, 200);
-    let faults: Vec<_> = provider.requests().iter().map(|r| r.fault.clone()).collect();
+    let faults: Vec<_> = provider
+        .requests()
+        .iter()
+        .map(|r| r.fault.clone())
+        .collect();
     assert_eq!(faults[0], Some(Fault::status(400)));
     assert_eq!(faults.last().unwrap(), &None);
 }
@@ -437,13 +481,19 @@ async fn connection_faults_break_the_exchange_once() {
     }
     let stats = provider.stats();
     assert_eq!(stats.connections, 8);
-    assert_eq!(stats.handshakes, 7, "the refused connection never got to TLS");
+    assert_eq!(
+        stats.handshakes, 7,
+        "the refused connection never got to TLS"
+    );
     // The partly sent credentials are recorded, but not as complete.
     let issued = provider.issued();
     assert_eq!(issued.len(), 6);
     assert_eq!(issued.iter().filter(|i| i.complete).count(), 4);
     let reqs = provider.requests();
-    assert_eq!(reqs[0].fault, None, "the refused connection carried no request");
+    assert_eq!(
+        reqs[0].fault, None,
+        "the refused connection carried no request"
+    );
     assert_eq!(reqs[1].fault, Some(Fault::CloseBeforeResponse));
     assert_eq!(reqs[1].status, None);
 
@@ -474,7 +524,9 @@ async fn slow_body_sends_the_head_first() {
         delay: Duration::from_secs(600),
     });
     let mut tls = connect(provider.addr(), device_client()).await.unwrap();
-    tls.write_all(request(PATH, &[], true).as_bytes()).await.unwrap();
+    tls.write_all(request(PATH, &[], true).as_bytes())
+        .await
+        .unwrap();
     let mut buf = vec![0u8; 64];
     let mut got = Vec::new();
     while !got.windows(4).any(|w| w == b"\r\n\r\n") {
@@ -502,8 +554,15 @@ async fn body_faults_are_well_framed_but_wrong() {
     assert!(r.body.len() > 64 * 1024);
     assert!(r.json()["credentials"]["accessKeyId"].is_string());
 
-    for field in ["accessKeyId", "secretAccessKey", "sessionToken", "expiration"] {
-        provider.push_fault(Fault::MissingField { field: field.into() });
+    for field in [
+        "accessKeyId",
+        "secretAccessKey",
+        "sessionToken",
+        "expiration",
+    ] {
+        provider.push_fault(Fault::MissingField {
+            field: field.into(),
+        });
         let r = get(addr).await.unwrap();
         let c = r.json()["credentials"].clone();
         assert!(c.get(field).is_none(), "{field}");
@@ -521,7 +580,10 @@ async fn body_faults_are_well_framed_but_wrong() {
         value: Some("2026-01-01T12:00:00+02:00".into()),
     });
     let r = get(addr).await.unwrap();
-    assert_eq!(r.json()["credentials"]["expiration"], "2026-01-01T12:00:00+02:00");
+    assert_eq!(
+        r.json()["credentials"]["expiration"],
+        "2026-01-01T12:00:00+02:00"
+    );
 
     provider.push_fault(Fault::Expired);
     let r = get(addr).await.unwrap();
@@ -565,7 +627,11 @@ async fn modifiers_skew_date_ttl_and_chunked() {
     assert_eq!(r.status, 503);
 
     // TTL override beats the duration header.
-    let raw = request(PATH, &[("x-amzn-iot-credential-duration-seconds", "3600")], true);
+    let raw = request(
+        PATH,
+        &[("x-amzn-iot-credential-duration-seconds", "3600")],
+        true,
+    );
     let r = get_with(addr, device_client(), &raw).await.unwrap();
     check_success(&provider, &r, 120);
 
@@ -597,7 +663,9 @@ async fn keep_alive_serves_several_requests_on_one_connection() {
         if i == 1 {
             provider.push_fault(Fault::Chunked);
         }
-        tls.write_all(request(PATH, &[], false).as_bytes()).await.unwrap();
+        tls.write_all(request(PATH, &[], false).as_bytes())
+            .await
+            .unwrap();
         let r = read_response(&mut tls, &mut buf).await.unwrap();
         check_success(&provider, &r, 3600);
         assert!(r.header("connection").is_none());
@@ -615,7 +683,10 @@ async fn keep_alive_serves_several_requests_on_one_connection() {
     assert_eq!(tls.read_to_end(&mut rest).await.unwrap(), 0);
 
     let stats = provider.stats();
-    assert_eq!((stats.connections, stats.handshakes, stats.requests), (1, 1, 5));
+    assert_eq!(
+        (stats.connections, stats.handshakes, stats.requests),
+        (1, 1, 5)
+    );
     assert!(provider.requests().iter().all(|r| r.connection == 1));
     seen.dedup();
     assert_eq!(seen.len(), 3);
@@ -703,7 +774,10 @@ async fn device_cert_for_an_external_public_key() {
             .unwrap();
         check_success(&provider, &r, 3600);
     }
-    assert!(p.issue_for_public_key(THING, b"junk", &p.dir.join("x.pem")).is_err());
+    assert!(
+        p.issue_for_public_key(THING, b"junk", &p.dir.join("x.pem"))
+            .is_err()
+    );
 }
 
 #[tokio::test]
@@ -730,7 +804,11 @@ async fn admin_listener_controls_faults_and_reports() {
         read_response(&mut s, &mut Vec::new()).await.unwrap()
     };
 
-    let r = post("/fault/once", r#"{"kind":"status","status":503,"retry_after":"2"}"#).await;
+    let r = post(
+        "/fault/once",
+        r#"{"kind":"status","status":503,"retry_after":"2"}"#,
+    )
+    .await;
     assert_eq!(r.status, 200);
     let r = post("/fault", r#"{"kind":"date_skew","seconds":-600}"#).await;
     assert_eq!(r.status, 200);
@@ -755,9 +833,12 @@ async fn admin_listener_controls_faults_and_reports() {
     assert_eq!(stats["requests"], 2);
 
     post("/fault/once", r#"{"kind":"slow_headers","delay_ms":1}"#).await;
-    assert_eq!(provider.faults().1, vec![Fault::SlowHeaders {
-        delay: Duration::from_millis(1)
-    }]);
+    assert_eq!(
+        provider.faults().1,
+        vec![Fault::SlowHeaders {
+            delay: Duration::from_millis(1)
+        }]
+    );
     assert_eq!(post("/fault/clear", "").await.status, 200);
     assert_eq!(provider.faults(), (vec![], vec![]));
     assert_eq!(post("/reset", "").await.status, 200);
@@ -785,7 +866,7 @@ fn blocking_provider_works_from_plain_tests() {
     assert!(!provider.wait_for_requests(3, Duration::from_millis(1)));
     assert_eq!(provider.issued().len(), 1);
     provider.shutdown();
-    assert!(std::net::TcpStream::connect(addr).is_err());
+    assert_closed(addr);
 }
 
 #[test]
@@ -800,7 +881,14 @@ fn binary_prints_its_port_and_serves() {
     use std::io::BufRead as _;
     let p = pki();
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_fake-provider"))
-        .args(["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0", "--ttl", "1000"])
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--admin",
+            "127.0.0.1:0",
+            "--ttl",
+            "1000",
+        ])
         .arg("--ca")
         .arg(&p.ca_cert)
         .arg("--cert")
@@ -813,7 +901,11 @@ fn binary_prints_its_port_and_serves() {
         .unwrap();
     let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
     let first = lines.next().unwrap().unwrap();
-    let addr: SocketAddr = first.strip_prefix("listening on ").unwrap().parse().unwrap();
+    let addr: SocketAddr = first
+        .strip_prefix("listening on ")
+        .unwrap()
+        .parse()
+        .unwrap();
     let second = lines.next().unwrap().unwrap();
     let admin: SocketAddr = second.strip_prefix("admin on ").unwrap().parse().unwrap();
     assert_ne!(addr.port(), 0);
@@ -828,7 +920,9 @@ fn binary_prints_its_port_and_serves() {
         let exp = timefmt::parse_rfc3339(r.json()["credentials"]["expiration"].as_str().unwrap());
         assert_eq!(exp.unwrap() - date_of(&r), 1000);
         let mut s = TcpStream::connect(admin).await.unwrap();
-        s.write_all(b"GET /stats HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+        s.write_all(b"GET /stats HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
         let stats = read_response(&mut s, &mut Vec::new()).await.unwrap().json();
         assert_eq!(stats["issued"], 1);
     });
@@ -840,4 +934,57 @@ fn binary_prints_its_port_and_serves() {
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
+}
+
+#[tokio::test]
+async fn certs_example_script_makes_a_working_pki() {
+    let dir = tempfile::tempdir().unwrap();
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../certs-example/make-certs.sh"
+    );
+    for _ in 0..2 {
+        // Twice: the second run keeps the set (idempotent).
+        let out = std::process::Command::new("bash")
+            .arg(script)
+            .arg(dir.path())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let f = |n: &str| dir.path().join(n);
+    let mut config = ProviderConfig::new(f("ca.pem"), f("server.pem"), f("server.key"));
+    config.tls_versions = TlsVersions::Both;
+    let provider = FakeProvider::start(config).await.unwrap();
+    for (cert, key) in [
+        ("device.pem.crt", "device.key"),
+        ("device-rsa.pem.crt", "device-rsa.key"),
+    ] {
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = std::fs::metadata(f(key)).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "{key}");
+        let id = CertKey {
+            cert: f(cert),
+            key: f(key),
+        };
+        let cfg = client_config(Some(&id), &tls_both(), &f("ca.pem"));
+        let r = get_with(provider.addr(), cfg, &request(PATH, &[], true))
+            .await
+            .unwrap();
+        check_success(&provider, &r, 3600);
+    }
+    // The example configuration names exactly these files.
+    let example = include_str!("../../certs-example/config.toml");
+    for name in [
+        "out/device.pem.crt",
+        "out/device.key",
+        "out/ca.pem",
+        "GatewayRole",
+    ] {
+        assert!(example.contains(name), "{name}");
+    }
 }

@@ -12,8 +12,8 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderMap, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
-use iotcred_core::render::Format;
 use iotcred_core::UnixTime;
+use iotcred_core::render::Format;
 use subtle::ConstantTimeEq;
 use tokio::time::Instant;
 use zeroize::Zeroizing;
@@ -69,7 +69,8 @@ pub(super) type Body = Full<Chunk>;
 
 const JSON: HeaderValue = HeaderValue::from_static("application/json");
 const NO_STORE: HeaderValue = HeaderValue::from_static("no-store");
-const PROMETHEUS: HeaderValue = HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8");
+const PROMETHEUS: HeaderValue =
+    HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8");
 
 /// Answers one request; never fails (every problem is an HTTP error response).
 pub(super) async fn handle(shared: &Shared, peer: Peer, req: Request<Incoming>) -> Response<Body> {
@@ -290,10 +291,11 @@ fn health(roles: &[RoleHandle]) -> Response<Body> {
 }
 
 fn metrics(shared: &Shared) -> Response<Body> {
-    let text = shared
-        .state
-        .metrics
-        .render(&shared.state.table().roles, Instant::now(), UnixTime::now());
+    let text =
+        shared
+            .state
+            .metrics
+            .render(&shared.state.table().roles, Instant::now(), UnixTime::now());
     let mut r = Response::new(Full::new(Chunk::Owned(text.into_bytes(), 0)));
     let h = r.headers_mut();
     h.insert(header::CONTENT_TYPE, PROMETHEUS);
@@ -302,8 +304,7 @@ fn metrics(shared: &Shared) -> Response<Body> {
 }
 
 const BAD_REQUEST: &str = r#"{"code":"BadRequest","message":"requests on the TCP listener must use a loopback Host (localhost, 127.0.0.1 or [::1]) and no X-Forwarded-For"}"#;
-const METHOD_NOT_ALLOWED: &str =
-    r#"{"code":"MethodNotAllowed","message":"only GET is allowed"}"#;
+const METHOD_NOT_ALLOWED: &str = r#"{"code":"MethodNotAllowed","message":"only GET is allowed"}"#;
 const NOT_FOUND: &str = r#"{"code":"NotFound","message":"no such route; use /v1/credentials, /v1/credentials/{role}, /v1/health or /v1/metrics"}"#;
 const UNKNOWN_ROLE: &str = r#"{"code":"NotFound","message":"unknown role; the configured roles are listed by /v1/health"}"#;
 const UNAUTHORIZED: &str = r#"{"code":"Unauthorized","message":"missing or wrong Authorization token; send the contents of <runtime_dir>/<role>.token (AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE)"}"#;

@@ -7,8 +7,8 @@ use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use tokio::net::{TcpListener, UnixListener};
 use zeroize::Zeroizing;
@@ -85,6 +85,9 @@ impl Activation {
     }
 }
 
+/// Descriptors passed by systemd, with their `LISTEN_FDNAMES` names.
+pub type ListenFds = Vec<(RawFd, Option<String>)>;
+
 /// Parses the socket-activation variables (sd_listen_fds(3)): `Ok(None)` when they are absent
 /// or meant for another process, else the descriptors `3..3+LISTEN_FDS` with their names.
 pub fn parse_listen_env(
@@ -92,7 +95,7 @@ pub fn parse_listen_env(
     listen_fds: Option<&str>,
     listen_fdnames: Option<&str>,
     my_pid: u32,
-) -> Result<Option<Vec<(RawFd, Option<String>)>>, ServeError> {
+) -> Result<Option<ListenFds>, ServeError> {
     let (Some(pid), Some(n)) = (listen_pid, listen_fds) else {
         return Ok(None);
     };
@@ -275,11 +278,12 @@ fn bind_unix(path: &Path, mode: u32) -> Result<(UnixListener, SocketId), ServeEr
             .map_err(err)?;
     }
     match fs::symlink_metadata(path) {
-        Ok(m) if m.file_type().is_socket() => match std::os::unix::net::UnixStream::connect(path) {
-            Ok(_) => return Err(ServeError::SocketInUse(path.to_owned())),
-            // Stale: nothing listens; the rename below replaces it atomically.
-            Err(_) => {}
-        },
+        Ok(m) if m.file_type().is_socket() => {
+            // Replaced (atomically, by the rename below) only when nothing listens on it.
+            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                return Err(ServeError::SocketInUse(path.to_owned()));
+            }
+        }
         Ok(_) => return Err(ServeError::NotASocket(path.to_owned())),
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => return Err(err(e)),

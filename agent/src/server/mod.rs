@@ -22,10 +22,10 @@ use std::time::Duration;
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, UnixListener};
-use tokio::sync::{mpsc, watch, Semaphore};
+use tokio::sync::{Semaphore, mpsc, watch};
 use zeroize::Zeroizing;
 
-pub use listen::{parse_listen_env, Activation};
+pub use listen::{Activation, parse_listen_env};
 
 use crate::metrics::Metrics;
 use crate::state::RoleHandle;
@@ -264,10 +264,10 @@ impl ServerState {
         let tokens = roles
             .iter()
             .map(|r| {
+                // A role that stays keeps its token (or, before `serve` installed the tokens
+                // `bind` wrote, gets it then).
                 if let Some(i) = old.roles.iter().position(|o| o.name == r.name) {
-                    if let Some(t) = &old.tokens[i] {
-                        return Some(t.clone());
-                    }
+                    return old.tokens[i].clone();
                 }
                 match listen::write_tokens(&self.runtime_dir, std::slice::from_ref(r)) {
                     Ok(mut t) => t.pop().map(|(_, t)| Arc::new(t)),
@@ -298,10 +298,11 @@ impl ServerState {
             .iter()
             .zip(old.tokens.iter())
             .map(|(r, existing)| {
-                match tokens.iter().position(|(name, _)| *name == r.name) {
-                    Some(i) => Some(tokens.swap_remove(i).1),
-                    None => existing.clone(),
+                if existing.is_some() {
+                    return existing.clone();
                 }
+                let i = tokens.iter().position(|(name, _)| *name == r.name)?;
+                Some(tokens.swap_remove(i).1)
             })
             .collect();
         self.replace(RoleTable {

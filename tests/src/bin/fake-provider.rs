@@ -70,7 +70,11 @@ fn parse(args: Vec<String>) -> Result<ProviderConfig, String> {
         }
     }
     let need = |v: Option<PathBuf>, n: &str| v.ok_or_else(|| format!("{n} is required"));
-    let mut config = ProviderConfig::new(need(ca, "--ca")?, need(cert, "--cert")?, need(key, "--key")?);
+    let mut config = ProviderConfig::new(
+        need(ca, "--ca")?,
+        need(cert, "--cert")?,
+        need(key, "--key")?,
+    );
     config.listen = listen;
     config.admin = admin;
     config.ttl = Duration::from_secs(ttl);

@@ -73,11 +73,7 @@ pub(crate) fn common_name(der: &[u8]) -> Option<String> {
 }
 
 /// Serves one accepted TCP connection until it closes.
-pub(crate) async fn serve(
-    shared: Arc<Shared>,
-    acceptor: TlsAcceptor,
-    tcp: TcpStream,
-) {
+pub(crate) async fn serve(shared: Arc<Shared>, acceptor: TlsAcceptor, tcp: TcpStream) {
     let _ = tcp.set_nodelay(true);
     let (conn_no, refuse) = shared.on_connection();
     if refuse {
@@ -158,10 +154,8 @@ pub(crate) async fn serve(
             .then(|| httpdate::fmt_http_date(timefmt::from_unix_seconds(server_now)));
         let resp = respond(&shared, idx, &req, alias, &peer, &plan, server_now, &date);
         if let Some(mut issued) = resp.issued.clone() {
-            issued.complete &= !matches!(
-                delivery,
-                Delivery::ResetMidHeaders | Delivery::ResetMidBody
-            );
+            issued.complete &=
+                !matches!(delivery, Delivery::ResetMidHeaders | Delivery::ResetMidBody);
             shared.on_issue(issued);
         }
         let sent_status = match delivery {
@@ -328,7 +322,7 @@ fn respond(
         }
         _ => {}
     }
-    if !shared.aliases.iter().any(|a| *a == alias) {
+    if !shared.aliases.contains(&alias) {
         return Response::message(404, "Role alias does not exist", None);
     }
     let mut ttl = shared.ttl.as_secs() as i64;
@@ -504,7 +498,10 @@ mod tests {
 
     #[test]
     fn chunked_framing() {
-        assert_eq!(chunked(b"abcdef"), b"2\r\nab\r\n2\r\ncd\r\n2\r\nef\r\n0\r\n\r\n");
+        assert_eq!(
+            chunked(b"abcdef"),
+            b"2\r\nab\r\n2\r\ncd\r\n2\r\nef\r\n0\r\n\r\n"
+        );
         assert_eq!(chunked(b""), b"0\r\n\r\n");
     }
 

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use iotcred_agent::metrics::Metrics;
 use iotcred_agent::server::{self, ServeConfig, ServerState};
-use iotcred_agent::state::{role_channel, Held, RoleHandle, RolePublisher};
+use iotcred_agent::state::{Held, RoleHandle, RolePublisher, role_channel};
 use iotcred_core::schedule::Mode;
 use iotcred_core::{Credentials, Secret, UnixTime};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -144,7 +144,9 @@ impl Harness {
     }
 
     pub async fn unix_request(&self, raw: &str) -> Reply {
-        let mut s = UnixStream::connect(&self.socket).await.expect("connect unix");
+        let mut s = UnixStream::connect(&self.socket)
+            .await
+            .expect("connect unix");
         exchange(&mut s, raw).await
     }
 
@@ -206,49 +208,74 @@ pub async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S, raw: &str) -
 }
 
 /// Reads one response (framed by Content-Length); `None` when the connection closed first.
+/// Use [`Reader`] when several responses may arrive in one read (pipelining).
 pub async fn read_reply<S: AsyncRead + Unpin>(s: &mut S) -> Option<Reply> {
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 4096];
-    loop {
-        let mut headers = [httparse::EMPTY_HEADER; 32];
-        let mut resp = httparse::Response::new(&mut headers);
-        if let httparse::Status::Complete(head_len) = resp.parse(&buf).expect("valid response head") {
-            let status = resp.code.expect("status");
-            let headers: Vec<(String, String)> = resp
-                .headers
-                .iter()
-                .map(|h| {
-                    (
-                        h.name.to_owned(),
-                        String::from_utf8(h.value.to_vec()).expect("ascii header"),
-                    )
-                })
-                .collect();
-            let len: usize = headers
-                .iter()
-                .find(|(n, _)| n.eq_ignore_ascii_case("content-length"))
-                .map(|(_, v)| v.parse().expect("content-length"))
-                .unwrap_or(0);
-            while buf.len() < head_len + len {
-                let n = s.read(&mut chunk).await.expect("read body");
-                assert!(n > 0, "connection closed inside the body");
-                buf.extend_from_slice(&chunk[..n]);
+    Reader::default().read(s, false).await
+}
+
+/// A response reader that keeps bytes read past the end of one response for the next.
+#[derive(Default)]
+pub struct Reader {
+    buf: Vec<u8>,
+}
+
+impl Reader {
+    /// Reads one response; `head_only` for answers to `HEAD` (no body follows).
+    pub async fn read<S: AsyncRead + Unpin>(
+        &mut self,
+        s: &mut S,
+        head_only: bool,
+    ) -> Option<Reply> {
+        let mut chunk = [0u8; 4096];
+        loop {
+            let mut headers = [httparse::EMPTY_HEADER; 32];
+            let mut resp = httparse::Response::new(&mut headers);
+            if let httparse::Status::Complete(head_len) =
+                resp.parse(&self.buf).expect("valid response head")
+            {
+                let status = resp.code.expect("status");
+                let headers: Vec<(String, String)> = resp
+                    .headers
+                    .iter()
+                    .map(|h| {
+                        (
+                            h.name.to_owned(),
+                            String::from_utf8(h.value.to_vec()).expect("ascii header"),
+                        )
+                    })
+                    .collect();
+                let len: usize = if head_only {
+                    0
+                } else {
+                    headers
+                        .iter()
+                        .find(|(n, _)| n.eq_ignore_ascii_case("content-length"))
+                        .map(|(_, v)| v.parse().expect("content-length"))
+                        .unwrap_or(0)
+                };
+                while self.buf.len() < head_len + len {
+                    let n = s.read(&mut chunk).await.expect("read body");
+                    assert!(n > 0, "connection closed inside the body");
+                    self.buf.extend_from_slice(&chunk[..n]);
+                }
+                let body =
+                    String::from_utf8(self.buf[head_len..head_len + len].to_vec()).expect("utf8");
+                self.buf.drain(..head_len + len);
+                return Some(Reply {
+                    status,
+                    headers,
+                    body,
+                });
             }
-            let body = String::from_utf8(buf[head_len..head_len + len].to_vec()).expect("utf8");
-            return Some(Reply {
-                status,
-                headers,
-                body,
-            });
+            let n = match s.read(&mut chunk).await {
+                Ok(n) => n,
+                Err(_) => return None,
+            };
+            if n == 0 {
+                return None;
+            }
+            self.buf.extend_from_slice(&chunk[..n]);
         }
-        let n = match s.read(&mut chunk).await {
-            Ok(n) => n,
-            Err(_) => return None,
-        };
-        if n == 0 {
-            return None;
-        }
-        buf.extend_from_slice(&chunk[..n]);
     }
 }
 
