@@ -206,13 +206,13 @@ pub fn keygen(
     subject: &str,
     algorithm: crate::keys::Algorithm,
     csr_out: Option<&Path>,
-    force: bool,
+    overwrite: bool,
 ) -> u8 {
     let src = match crate::keys::KeySource::parse(key) {
         Ok(s) => s,
         Err(e) => return fail(EXIT_CONFIG, format!("--key: {e}")),
     };
-    let csr = match crate::keys::keygen(&src, subject, algorithm, force) {
+    let csr = match crate::keys::keygen(&src, subject, algorithm, overwrite) {
         Ok(c) => c,
         Err(e) => return fail(EXIT_CONFIG, e),
     };

@@ -83,9 +83,9 @@ enum Command {
         /// Write the CSR here [default: standard output].
         #[arg(long, value_name = "PATH")]
         csr_out: Option<PathBuf>,
-        /// Replace an existing key with the same label/id (or file).
+        /// Replace (destroy) an existing key with the same label/id, or an existing key file.
         #[arg(long)]
-        force: bool,
+        overwrite: bool,
     },
 }
 
@@ -138,14 +138,14 @@ fn main() -> ExitCode {
             subject,
             algorithm,
             csr_out,
-            force,
+            overwrite,
         } => {
             commands::init_logging("warn");
             let alg = match algorithm {
                 Algorithm::EcP256 => iotcred_agent::keys::Algorithm::EcP256,
                 Algorithm::Rsa2048 => iotcred_agent::keys::Algorithm::Rsa2048,
             };
-            commands::keygen(&key, &subject, alg, csr_out.as_deref(), force)
+            commands::keygen(&key, &subject, alg, csr_out.as_deref(), overwrite)
         }
     };
     ExitCode::from(code)
