@@ -5,8 +5,8 @@ use std::io::Write;
 use std::path::Path;
 use std::sync::Arc;
 
-use iotcred_core::render::Format;
 use iotcred_core::UnixTime;
+use iotcred_core::render::Format;
 
 use crate::config::{self, Config};
 use crate::tls::{self, Identity};
@@ -80,16 +80,30 @@ pub fn fetch(config: Option<&Path>, role: Option<&str>, format: Format) -> u8 {
         let config = load_config(config)?;
         let (_, role) = config.role(role).ok_or_else(|| {
             let names: Vec<&str> = config.roles.iter().map(|r| r.name.as_str()).collect();
-            fail(EXIT_CONFIG, format!("no role {:?} in the config; roles: {}", role.unwrap_or(""), names.join(", ")))
+            fail(
+                EXIT_CONFIG,
+                format!(
+                    "no role {:?} in the config; roles: {}",
+                    role.unwrap_or(""),
+                    names.join(", ")
+                ),
+            )
         })?;
         let identity = load_identity(&config)?;
-        let upstream = Upstream::new(&config, identity.client_config).map_err(|e| fail(EXIT_CONFIG, e))?;
+        let upstream =
+            Upstream::new(&config, identity.client_config).map_err(|e| fail(EXIT_CONFIG, e))?;
         let fetched = runtime()?.block_on(fetch_role(&upstream, role))?;
         let expiration = fetched.arrived_wall.saturating_add(fetched.issued.lifetime);
         let text = format.render(&role.name, &fetched.issued.credentials, expiration);
         let mut out = std::io::stdout().lock();
         out.write_all(text.as_bytes())
-            .and_then(|_| if text.ends_with('\n') { Ok(()) } else { out.write_all(b"\n") })
+            .and_then(|_| {
+                if text.ends_with('\n') {
+                    Ok(())
+                } else {
+                    out.write_all(b"\n")
+                }
+            })
             .and_then(|_| out.flush())
             .map_err(|e| fail(EXIT_OTHER, format!("cannot write output: {e}")))
     };
@@ -104,7 +118,11 @@ pub fn fetch(config: Option<&Path>, role: Option<&str>, format: Format) -> u8 {
 pub fn check(config: Option<&Path>, do_fetch: bool) -> u8 {
     let inner = || -> Result<(), u8> {
         let config = load_config(config)?;
-        println!("config: {} OK ({} role(s))", config.path.display(), config.roles.len());
+        println!(
+            "config: {} OK ({} role(s))",
+            config.path.display(),
+            config.roles.len()
+        );
         let identity = load_identity(&config)?;
         let c = &identity.cert;
         println!(
@@ -118,7 +136,10 @@ pub fn check(config: Option<&Path>, do_fetch: bool) -> u8 {
         let now = UnixTime::now();
         if let Some(left) = c.not_after.checked_duration_since(now) {
             if left.as_secs() < 30 * 86_400 {
-                println!("warning: the device certificate expires in {} day(s): plan its rotation", left.as_secs() / 86_400);
+                println!(
+                    "warning: the device certificate expires in {} day(s): plan its rotation",
+                    left.as_secs() / 86_400
+                );
             }
         }
         if let (Some(cn), Some(thing)) = (&c.subject_cn, &config.thing_name) {
@@ -134,18 +155,30 @@ pub fn check(config: Option<&Path>, do_fetch: bool) -> u8 {
             Some(ca) => println!("trust anchors: {}", ca.display()),
             None => println!("trust anchors: built-in Amazon roots"),
         }
-        println!("endpoint: {}:{}", config.endpoint.host, config.endpoint.port);
+        println!(
+            "endpoint: {}:{}",
+            config.endpoint.host, config.endpoint.port
+        );
         if !do_fetch {
             return Ok(());
         }
-        let upstream = Arc::new(Upstream::new(&config, identity.client_config).map_err(|e| fail(EXIT_CONFIG, e))?);
+        let upstream = Arc::new(
+            Upstream::new(&config, identity.client_config).map_err(|e| fail(EXIT_CONFIG, e))?,
+        );
         let rt = runtime()?;
         let mut worst: Option<u8> = None;
         for role in &config.roles {
             match rt.block_on(fetch_role(&upstream, role)) {
                 Ok(f) => {
                     let id = &f.issued.credentials.access_key_id;
-                    let last4: String = id.chars().rev().take(4).collect::<Vec<_>>().into_iter().rev().collect();
+                    let last4: String = id
+                        .chars()
+                        .rev()
+                        .take(4)
+                        .collect::<Vec<_>>()
+                        .into_iter()
+                        .rev()
+                        .collect();
                     let expiration = f.arrived_wall.saturating_add(f.issued.lifetime);
                     println!(
                         "role {}: OK, credentials expire {} (in {} s), access key id …{last4}",
@@ -189,7 +222,13 @@ pub fn get(socket: Option<&Path>, role: Option<&str>, format: Format) -> u8 {
             let mut out = std::io::stdout().lock();
             let r = out
                 .write_all(text.as_bytes())
-                .and_then(|_| if text.ends_with('\n') { Ok(()) } else { out.write_all(b"\n") })
+                .and_then(|_| {
+                    if text.ends_with('\n') {
+                        Ok(())
+                    } else {
+                        out.write_all(b"\n")
+                    }
+                })
                 .and_then(|_| out.flush());
             match r {
                 Ok(()) => EXIT_OK,
@@ -217,15 +256,24 @@ pub fn keygen(
         Err(e) => return fail(EXIT_CONFIG, e),
     };
     let written = match csr_out {
-        Some(p) => crate::sinks::write_atomic(p, 0o644, csr.as_bytes()).map_err(|e| format!("cannot write {}: {e}", p.display())),
+        Some(p) => crate::sinks::write_atomic(p, 0o644, csr.as_bytes())
+            .map_err(|e| format!("cannot write {}: {e}", p.display())),
         None => {
             let mut out = std::io::stdout().lock();
-            out.write_all(csr.as_bytes()).and_then(|_| out.flush()).map_err(|e| e.to_string())
+            out.write_all(csr.as_bytes())
+                .and_then(|_| out.flush())
+                .map_err(|e| e.to_string())
         }
     };
     match written {
         Ok(()) => {
-            eprintln!("iotcred: key generated in {src}; CSR {}", csr_out.map_or("written to stdout".into(), |p| format!("written to {}", p.display())));
+            eprintln!(
+                "iotcred: key generated in {src}; CSR {}",
+                csr_out.map_or("written to stdout".into(), |p| format!(
+                    "written to {}",
+                    p.display()
+                ))
+            );
             EXIT_OK
         }
         Err(e) => fail(EXIT_OTHER, e),

@@ -229,7 +229,8 @@ impl Config {
             Ok(base.join(s.get_ref()))
         };
 
-        let endpoint = parse_endpoint(raw.endpoint.get_ref()).map_err(|m| cx.err(&raw.endpoint, m))?;
+        let endpoint =
+            parse_endpoint(raw.endpoint.get_ref()).map_err(|m| cx.err(&raw.endpoint, m))?;
         let thing_name = raw
             .thing_name
             .as_ref()
@@ -237,19 +238,28 @@ impl Config {
             .transpose()?;
         let certificate = resolve(&raw.certificate, "certificate")?;
         let key = if raw.key.get_ref().starts_with("pkcs11:") {
-            KeySource::parse(raw.key.get_ref()).map_err(|e| cx.err(&raw.key, format!("key: {e}")))?
+            KeySource::parse(raw.key.get_ref())
+                .map_err(|e| cx.err(&raw.key, format!("key: {e}")))?
         } else {
             KeySource::Pem(resolve(&raw.key, "key")?)
         };
         let ca = raw.ca.as_ref().map(|c| resolve(c, "ca")).transpose()?;
         let proxy = match &raw.proxy {
             Some(p) => {
-                crate::upstream::Proxy::parse(p.get_ref()).map_err(|m| cx.err(p, format!("proxy: {m}")))?;
+                crate::upstream::Proxy::parse(p.get_ref())
+                    .map_err(|m| cx.err(p, format!("proxy: {m}")))?;
                 Some(p.get_ref().clone())
             }
             None => None,
         };
-        let timeout = Duration::from_secs(seconds(&cx, raw.timeout_seconds.as_ref(), "timeout_seconds", 10, 1, 300)?);
+        let timeout = Duration::from_secs(seconds(
+            &cx,
+            raw.timeout_seconds.as_ref(),
+            "timeout_seconds",
+            10,
+            1,
+            300,
+        )?);
         let runtime_dir = match &raw.runtime_dir {
             Some(r) => resolve(r, "runtime_dir")?,
             None => PathBuf::from(DEFAULT_RUNTIME_DIR),
@@ -278,7 +288,14 @@ impl Config {
                 0,
                 43_200,
             )?),
-            jitter: Duration::from_secs(seconds(&cx, raw.refresh.jitter_seconds.as_ref(), "refresh.jitter_seconds", 120, 0, 3600)?),
+            jitter: Duration::from_secs(seconds(
+                &cx,
+                raw.refresh.jitter_seconds.as_ref(),
+                "refresh.jitter_seconds",
+                120,
+                0,
+                3600,
+            )?),
             max_backoff: Duration::from_secs(seconds(
                 &cx,
                 raw.refresh.max_backoff_seconds.as_ref(),
@@ -295,21 +312,25 @@ impl Config {
                 None => runtime_dir.join("agent.sock"),
             },
             socket_mode: match &raw.serve.socket_mode {
-                Some(m) => parse_mode(m.get_ref()).map_err(|e| cx.err(m, format!("serve.socket_mode: {e}")))?,
+                Some(m) => parse_mode(m.get_ref())
+                    .map_err(|e| cx.err(m, format!("serve.socket_mode: {e}")))?,
                 None => 0o660,
             },
             listen: raw
                 .serve
                 .listen
                 .as_ref()
-                .map(|l| parse_listen(l.get_ref()).map_err(|e| cx.err(l, format!("serve.listen: {e}"))))
+                .map(|l| {
+                    parse_listen(l.get_ref()).map_err(|e| cx.err(l, format!("serve.listen: {e}")))
+                })
                 .transpose()?,
         };
 
         if raw.role.is_empty() {
             return Err(cx.err_at(
                 None,
-                "no [[role]] configured: add at least one [[role]] with `name` and `role_alias`".into(),
+                "no [[role]] configured: add at least one [[role]] with `name` and `role_alias`"
+                    .into(),
             ));
         }
         let mut roles: Vec<Role> = Vec::with_capacity(raw.role.len());
@@ -318,26 +339,33 @@ impl Config {
             if !valid_role_name(name) {
                 return Err(cx.err(
                     &r.name,
-                    format!("role name {name:?}: use 1-64 characters of A-Z a-z 0-9 _ - ."),
+                    format!("role name {name:?}: use 1-64 characters of A-Z a-z 0-9 _ - . (not starting with .)"),
                 ));
             }
             if roles.iter().any(|o| &o.name == name) {
-                return Err(cx.err(&r.name, format!("role name {name:?} is used twice: names must be unique")));
+                return Err(cx.err(
+                    &r.name,
+                    format!("role name {name:?} is used twice: names must be unique"),
+                ));
             }
             let role_alias = RoleAlias::new(r.role_alias.get_ref())
                 .map_err(|e| cx.err(&r.role_alias, format!("role_alias: {e}")))?;
             let duration = match &r.duration_seconds {
                 Some(d) => {
                     let v = u32::try_from(*d.get_ref()).unwrap_or(0);
-                    Some(CredentialDuration::new(v).map_err(|e| cx.err(d, format!("duration_seconds: {e}")))?)
+                    Some(
+                        CredentialDuration::new(v)
+                            .map_err(|e| cx.err(d, format!("duration_seconds: {e}")))?,
+                    )
                 }
                 None => None,
             };
             let ids = |v: &[Spanned<i64>], what: &str| -> Result<Vec<u32>, ConfigError> {
                 v.iter()
                     .map(|i| {
-                        u32::try_from(*i.get_ref())
-                            .map_err(|_| cx.err(i, format!("{what}: {} is not a valid id", i.get_ref())))
+                        u32::try_from(*i.get_ref()).map_err(|_| {
+                            cx.err(i, format!("{what}: {} is not a valid id", i.get_ref()))
+                        })
                     })
                     .collect()
             };
@@ -356,14 +384,19 @@ impl Config {
                     None => Format::Ini,
                 };
                 let mode = match &f.mode {
-                    Some(m) => parse_mode(m.get_ref()).map_err(|e| cx.err(m, format!("role.file.mode: {e}")))?,
+                    Some(m) => parse_mode(m.get_ref())
+                        .map_err(|e| cx.err(m, format!("role.file.mode: {e}")))?,
                     None => 0o600,
                 };
                 let p = resolve(&f.path, "role.file.path")?;
                 if p.file_name().is_none() {
                     return Err(cx.err(&f.path, "role.file.path must name a file".into()));
                 }
-                files.push(FileSink { path: p, format, mode });
+                files.push(FileSink {
+                    path: p,
+                    format,
+                    mode,
+                });
             }
             roles.push(Role {
                 name: name.clone(),
@@ -374,10 +407,19 @@ impl Config {
                 files,
             });
         }
-        let all_files: Vec<&PathBuf> = roles.iter().flat_map(|r| r.files.iter().map(|f| &f.path)).collect();
+        let all_files: Vec<&PathBuf> = roles
+            .iter()
+            .flat_map(|r| r.files.iter().map(|f| &f.path))
+            .collect();
         for (i, p) in all_files.iter().enumerate() {
             if all_files[..i].contains(p) {
-                return Err(cx.err_at(None, format!("file {} is written by two sinks: give each its own path", p.display())));
+                return Err(cx.err_at(
+                    None,
+                    format!(
+                        "file {} is written by two sinks: give each its own path",
+                        p.display()
+                    ),
+                ));
             }
         }
 
@@ -438,7 +480,13 @@ fn seconds(
         None => Ok(default),
         Some(s) => match u64::try_from(*s.get_ref()) {
             Ok(n) if (min..=max).contains(&n) => Ok(n),
-            _ => Err(cx.err(s, format!("{what} = {}: use a whole number from {min} to {max}", s.get_ref()))),
+            _ => Err(cx.err(
+                s,
+                format!(
+                    "{what} = {}: use a whole number from {min} to {max}",
+                    s.get_ref()
+                ),
+            )),
         },
     }
 }
@@ -447,14 +495,22 @@ fn valid_role_name(name: &str) -> bool {
     (1..=64).contains(&name.len())
         && name != "."
         && name != ".."
-        && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
 }
 
 /// Parses `host[:port]` (IPv6 literals in brackets).
 pub fn parse_endpoint(s: &str) -> Result<Endpoint, String> {
-    let bad = || format!("endpoint {s:?}: use host[:port], e.g. \"xxxx.credentials.iot.eu-west-1.amazonaws.com\"");
+    let bad = || {
+        format!(
+            "endpoint {s:?}: use host[:port], e.g. \"xxxx.credentials.iot.eu-west-1.amazonaws.com\""
+        )
+    };
     if s.contains("://") {
-        return Err(format!("endpoint {s:?}: give the host name only, without a scheme"));
+        return Err(format!(
+            "endpoint {s:?}: give the host name only, without a scheme"
+        ));
     }
     if s.contains('/') || s.is_empty() || s.chars().any(|c| c.is_whitespace() || c.is_control()) {
         return Err(bad());
@@ -468,7 +524,11 @@ pub fn parse_endpoint(s: &str) -> Result<Endpoint, String> {
     } else {
         match s.rsplit_once(':') {
             Some((h, p)) if !h.contains(':') => (h, Some(p)),
-            Some(_) => return Err(format!("endpoint {s:?}: put an IPv6 address in brackets, e.g. [::1]:8443")),
+            Some(_) => {
+                return Err(format!(
+                    "endpoint {s:?}: put an IPv6 address in brackets, e.g. [::1]:8443"
+                ));
+            }
             None => (s, None),
         }
     };
@@ -493,7 +553,9 @@ pub fn parse_mode(s: &str) -> Result<u32, String> {
     let digits = s.strip_prefix("0o").unwrap_or(s);
     match u32::from_str_radix(digits, 8) {
         Ok(m) if m <= 0o777 && !digits.is_empty() => Ok(m),
-        _ => Err(format!("{s:?} is not an octal file mode: write it as a string like \"0640\"")),
+        _ => Err(format!(
+            "{s:?} is not an octal file mode: write it as a string like \"0640\""
+        )),
     }
 }
 
@@ -577,10 +639,26 @@ role_alias = "GatewayRole"
 
     #[test]
     fn endpoints() {
-        assert_eq!(parse_endpoint("a.b:8443").unwrap(), Endpoint { host: "a.b".into(), port: 8443 });
-        assert_eq!(parse_endpoint("[::1]:9").unwrap(), Endpoint { host: "::1".into(), port: 9 });
+        assert_eq!(
+            parse_endpoint("a.b:8443").unwrap(),
+            Endpoint {
+                host: "a.b".into(),
+                port: 8443
+            }
+        );
+        assert_eq!(
+            parse_endpoint("[::1]:9").unwrap(),
+            Endpoint {
+                host: "::1".into(),
+                port: 9
+            }
+        );
         assert_eq!(parse_endpoint("[::1]").unwrap().port, 443);
-        assert!(parse_endpoint("https://a.b").unwrap_err().contains("scheme"));
+        assert!(
+            parse_endpoint("https://a.b")
+                .unwrap_err()
+                .contains("scheme")
+        );
         assert!(parse_endpoint("a.b:0").is_err());
         assert!(parse_endpoint("a.b:x").is_err());
         assert!(parse_endpoint("::1").is_err());
@@ -593,9 +671,19 @@ role_alias = "GatewayRole"
         assert!(parse_mode("0999").is_err());
         assert!(parse_mode("").is_err());
         let t = format!("timeout_seconds = 0\n{MINIMAL}");
-        assert!(parse(&t).unwrap_err().to_string().contains("timeout_seconds"));
+        assert!(
+            parse(&t)
+                .unwrap_err()
+                .to_string()
+                .contains("timeout_seconds")
+        );
         let t = MINIMAL.replace("GatewayRole\"", "GatewayRole\"\nduration_seconds = 60");
-        assert!(parse(&t).unwrap_err().to_string().contains("duration_seconds"));
+        assert!(
+            parse(&t)
+                .unwrap_err()
+                .to_string()
+                .contains("duration_seconds")
+        );
         let t = MINIMAL.replace("[[role]]", "[refresh]\nmode = \"lazy\"\n[[role]]");
         assert!(parse(&t).unwrap_err().to_string().contains("on-demand"));
     }
@@ -604,7 +692,10 @@ role_alias = "GatewayRole"
     fn roles_unique_and_required() {
         let t = format!("{MINIMAL}[[role]]\nname = \"default\"\nrole_alias = \"B\"\n");
         assert!(parse(&t).unwrap_err().to_string().contains("twice"));
-        let t = MINIMAL.replace("[[role]]\nname = \"default\"\nrole_alias = \"GatewayRole\"\n", "");
+        let t = MINIMAL.replace(
+            "[[role]]\nname = \"default\"\nrole_alias = \"GatewayRole\"\n",
+            "",
+        );
         assert!(parse(&t).unwrap_err().to_string().contains("[[role]]"));
         let t = MINIMAL.replace("\"default\"", "\"../x\"");
         assert!(parse(&t).unwrap_err().to_string().contains("role name"));
@@ -617,7 +708,14 @@ role_alias = "GatewayRole"
         );
         let c = parse(&t).unwrap();
         let f = &c.roles[0].files;
-        assert_eq!(f[0], FileSink { path: "/run/x/creds".into(), format: Format::Env, mode: 0o640 });
+        assert_eq!(
+            f[0],
+            FileSink {
+                path: "/run/x/creds".into(),
+                format: Format::Env,
+                mode: 0o640
+            }
+        );
         assert_eq!(f[1].path, PathBuf::from("/etc/iotcred/c.json"));
         assert_eq!(f[1].mode, 0o600);
         let bad = t.replace("\"env\"", "\"yaml\"");

@@ -5,9 +5,9 @@ use std::os::unix::fs::DirBuilderExt;
 use std::sync::Arc;
 use std::time::Duration;
 
-use iotcred_core::schedule::Mode;
 use iotcred_core::UnixTime;
-use tokio::signal::unix::{signal, SignalKind};
+use iotcred_core::schedule::Mode;
+use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
@@ -15,13 +15,13 @@ use tokio::time::Instant;
 use crate::commands::{EXIT_CONFIG, EXIT_OK, EXIT_OTHER};
 use crate::config::Config;
 use crate::metrics::Metrics;
-use crate::refresh::{schedule_config, Clock, Refresher};
-use crate::state::{role_channel, RoleHandle, RolePublisher};
+use crate::refresh::{Clock, Refresher, schedule_config};
+use crate::state::{RoleHandle, RolePublisher, role_channel};
 use crate::upstream::Upstream;
 use crate::{sdnotify, server, tls};
 
 /// How long in-flight local requests may take to finish after SIGTERM.
-const DRAIN_GRACE: Duration = Duration::from_secs(5);
+const DRAIN_GRACE: Duration = Duration::from_secs(6);
 
 /// The roles and refreshers of one configuration generation.
 struct Generation {
@@ -41,8 +41,15 @@ pub async fn run(config: Config) -> u8 {
             return EXIT_CONFIG;
         }
     };
-    if let Err(e) = std::fs::DirBuilder::new().recursive(true).mode(0o750).create(&config.runtime_dir) {
-        eprintln!("iotcred: cannot create runtime_dir {}: {e}", config.runtime_dir.display());
+    if let Err(e) = std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o750)
+        .create(&config.runtime_dir)
+    {
+        eprintln!(
+            "iotcred: cannot create runtime_dir {}: {e}",
+            config.runtime_dir.display()
+        );
         return EXIT_CONFIG;
     }
     tracing::info!(
@@ -75,7 +82,8 @@ pub async fn run(config: Config) -> u8 {
             return EXIT_CONFIG;
         }
     };
-    let server_state = server::ServerState::new(generation.handles.clone(), metrics.clone(), &serve_cfg);
+    let server_state =
+        server::ServerState::new(generation.handles.clone(), metrics.clone(), &serve_cfg);
     let (server_stop_tx, server_stop_rx) = watch::channel(false);
     let server_task = {
         let state = server_state.clone();
@@ -143,18 +151,24 @@ fn start_generation(
     let mut handles = Vec::with_capacity(config.roles.len());
     let sched = schedule_config(&config);
     let mut carried = carried;
-    for (index, role) in config.roles.iter().enumerate() {
+    for role in &config.roles {
         let (publisher, handle) = match carried.iter().position(|(n, _)| n == &role.name) {
             Some(i) => {
                 let (_, publisher) = carried.swap_remove(i);
-                let handle = publisher.handle(config.refresh.mode, &role.allow_uids, &role.allow_gids);
+                let handle =
+                    publisher.handle(config.refresh.mode, &role.allow_uids, &role.allow_gids);
                 (publisher, handle)
             }
-            None => role_channel(&role.name, config.refresh.mode, &role.allow_uids, &role.allow_gids),
+            None => role_channel(
+                &role.name,
+                config.refresh.mode,
+                &role.allow_uids,
+                &role.allow_gids,
+            ),
         };
         handles.push(handle);
         let refresher = Refresher {
-            index,
+            index: metrics.role_index(&role.name).unwrap_or(usize::MAX),
             role: role.clone(),
             schedule: sched,
             upstream: upstream.clone(),
@@ -176,8 +190,15 @@ fn start_generation(
 /// SIGHUP: re-read the configuration and certificate. An invalid new configuration is logged
 /// and the running one kept. Roles whose identity (endpoint, certificate and its content, key,
 /// thing name, CA, role alias, duration) did not change keep their credentials.
-async fn reload(old: Generation, metrics: &Arc<Metrics>, clock: Clock, server: &server::ServerState) -> Generation {
-    let refuse = |e: &dyn std::fmt::Display| tracing::error!("reload refused, keeping the running configuration: {e}");
+async fn reload(
+    old: Generation,
+    metrics: &Arc<Metrics>,
+    clock: Clock,
+    server: &server::ServerState,
+) -> Generation {
+    let refuse = |e: &dyn std::fmt::Display| {
+        tracing::error!("reload refused, keeping the running configuration: {e}")
+    };
     let new_config = match Config::load(&old.config.path) {
         Ok(c) => c,
         Err(e) => {
@@ -218,14 +239,20 @@ async fn reload(old: Generation, metrics: &Arc<Metrics>, clock: Clock, server: &
     let _ = stop.send(true);
     let mut carried = Vec::new();
     while let Some(done) = tasks.join_next().await {
-        let Ok((name, publisher)) = done else { continue };
+        let Ok((name, publisher)) = done else {
+            continue;
+        };
         let unchanged = |n: &crate::config::Role| {
-            old_config
+            old_config.roles.iter().any(|o| {
+                o.name == n.name && o.role_alias == n.role_alias && o.duration == n.duration
+            })
+        };
+        if same_identity
+            && new_config
                 .roles
                 .iter()
-                .any(|o| o.name == n.name && o.role_alias == n.role_alias && o.duration == n.duration)
-        };
-        if same_identity && new_config.roles.iter().any(|n| n.name == name && unchanged(n)) {
+                .any(|n| n.name == name && unchanged(n))
+        {
             carried.push((name, publisher));
         }
     }
@@ -293,13 +320,20 @@ impl StatusReporter {
                 (Some(held), next) if servable => {
                     let exp = held.consumer_expiration(now, wall).rfc3339();
                     match next {
-                        Some(n) => format!("{}: valid until {exp}, next refresh in {}s", h.name, n.saturating_duration_since(now).as_secs()),
+                        Some(n) => format!(
+                            "{}: valid until {exp}, next refresh in {}s",
+                            h.name,
+                            n.saturating_duration_since(now).as_secs()
+                        ),
                         None => format!("{}: valid until {exp}", h.name),
                     }
                 }
                 _ if h.mode == Mode::OnDemand && !snap.demanded => format!("{}: on demand", h.name),
                 _ => match &snap.last_error {
-                    Some(e) => format!("{}: no credentials ({} failure(s): {e})", h.name, snap.failures),
+                    Some(e) => format!(
+                        "{}: no credentials ({} failure(s): {e})",
+                        h.name, snap.failures
+                    ),
                     None => format!("{}: fetching", h.name),
                 },
             };

@@ -6,8 +6,8 @@
 
 pub mod client;
 pub mod commands;
-pub mod daemon;
 pub mod config;
+pub mod daemon;
 pub mod keys;
 pub mod metrics;
 pub mod refresh;

@@ -125,14 +125,24 @@ fn main() -> ExitCode {
             commands::init_logging("warn");
             commands::check(config.as_deref(), fetch)
         }
-        Command::Fetch { config, role, format } => {
+        Command::Fetch {
+            config,
+            role,
+            format,
+        } => {
             commands::init_logging("warn");
             commands::fetch(config.as_deref(), role.as_deref(), format.into())
         }
-        Command::Get { socket, role, format } => commands::get(socket.as_deref(), role.as_deref(), format.into()),
-        Command::CredentialProcess { socket, role } => {
-            commands::get(socket.as_deref(), role.as_deref(), Format::CredentialProcess)
-        }
+        Command::Get {
+            socket,
+            role,
+            format,
+        } => commands::get(socket.as_deref(), role.as_deref(), format.into()),
+        Command::CredentialProcess { socket, role } => commands::get(
+            socket.as_deref(),
+            role.as_deref(),
+            Format::CredentialProcess,
+        ),
         Command::Keygen {
             key,
             subject,

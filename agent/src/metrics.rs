@@ -117,6 +117,12 @@ impl Metrics {
         }
     }
 
+    /// The index of the role called `name`, for [`Metrics::refresh_result`]. Roles added by a
+    /// reload have none: their refreshes are counted from the next start.
+    pub fn role_index(&self, name: &str) -> Option<usize> {
+        self.roles.iter().position(|r| &*r.name == name)
+    }
+
     /// Records one upstream refresh attempt of role number `role` (ignored when out of range).
     pub fn refresh_result(&self, role: usize, outcome: RefreshOutcome, latency: Duration) {
         let Some(r) = self.roles.get(role) else {

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use iotcred_core::schedule::{Action, Schedule, ScheduleConfig};
-use iotcred_core::{ErrorClass, UnixTime, MIN_REMAINING};
+use iotcred_core::{ErrorClass, MIN_REMAINING, UnixTime};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
@@ -23,7 +23,9 @@ pub struct Clock {
 impl Clock {
     /// A clock whose origin is now.
     pub fn new() -> Clock {
-        Clock { origin: Instant::now() }
+        Clock {
+            origin: Instant::now(),
+        }
     }
 
     /// Core's view of `t`.
@@ -107,7 +109,11 @@ impl Refresher {
             duration: role.duration,
         };
         let mut schedule = Schedule::new(sched_cfg, clock.now());
-        if let Some(held) = publisher.snapshot().held.filter(|h| h.servable(Instant::now())) {
+        if let Some(held) = publisher
+            .snapshot()
+            .held
+            .filter(|h| h.servable(Instant::now()))
+        {
             // Carried over from before a reload: keep its plan.
             let remaining = held.remaining(Instant::now());
             schedule.handle_issued(clock.now(), remaining, random_u32());
@@ -165,12 +171,21 @@ impl Refresher {
                         if !matches!(e, crate::upstream::UpstreamError::Exchange { .. }) {
                             upstream.reset();
                         }
-                        schedule.handle_failure(clock.now(), e.class(), e.retry_after(), random_u32());
+                        schedule.handle_failure(
+                            clock.now(),
+                            e.class(),
+                            e.retry_after(),
+                            random_u32(),
+                        );
                         let outcome = match e.class() {
                             ErrorClass::Permanent => RefreshOutcome::Permanent,
                             ErrorClass::Transient => RefreshOutcome::Transient,
                         };
-                        metrics.refresh_result(index, outcome, done.saturating_duration_since(started));
+                        metrics.refresh_result(
+                            index,
+                            outcome,
+                            done.saturating_duration_since(started),
+                        );
                         let next = schedule.poll_timeout().map(|t| clock.to_tokio(t));
                         let retry_in = next.map(|t| t.saturating_duration_since(done).as_secs());
                         let message: Arc<str> = e.to_string().into();

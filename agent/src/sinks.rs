@@ -27,7 +27,11 @@ pub fn write_atomic(path: &Path, mode: u32, contents: &[u8]) -> io::Result<()> {
     let tmp = dir.join(format!(".{}.{suffix}.tmp", name.to_string_lossy()));
     let result = (|| {
         // Created with `mode` (narrowed by the umask), then set exactly: never wider than `mode`.
-        let mut f = OpenOptions::new().write(true).create_new(true).mode(mode).open(&tmp)?;
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(mode)
+            .open(&tmp)?;
         f.set_permissions(fs::Permissions::from_mode(mode))?;
         f.write_all(contents)?;
         f.sync_all()?;
@@ -42,7 +46,12 @@ pub fn write_atomic(path: &Path, mode: u32, contents: &[u8]) -> io::Result<()> {
 }
 
 /// Writes one sink for `role` from the held credentials.
-pub fn write_sink(sink: &FileSink, role: &str, held: &Held, expiration: UnixTime) -> io::Result<()> {
+pub fn write_sink(
+    sink: &FileSink,
+    role: &str,
+    held: &Held,
+    expiration: UnixTime,
+) -> io::Result<()> {
     let text = sink.format.render(role, &held.credentials, expiration);
     write_atomic(&sink.path, sink.mode, text.as_bytes())
 }
@@ -57,10 +66,16 @@ mod tests {
         let p = d.path().join("creds");
         write_atomic(&p, 0o640, b"one").unwrap();
         assert_eq!(fs::read(&p).unwrap(), b"one");
-        assert_eq!(fs::metadata(&p).unwrap().permissions().mode() & 0o777, 0o640);
+        assert_eq!(
+            fs::metadata(&p).unwrap().permissions().mode() & 0o777,
+            0o640
+        );
         write_atomic(&p, 0o600, b"two").unwrap();
         assert_eq!(fs::read(&p).unwrap(), b"two");
-        assert_eq!(fs::metadata(&p).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(
+            fs::metadata(&p).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
         // No temporary file is left behind.
         assert_eq!(fs::read_dir(d.path()).unwrap().count(), 1);
     }
@@ -76,7 +91,10 @@ mod tests {
         fs::write(target.join("x"), b"x").unwrap();
         assert!(write_atomic(&target, 0o600, b"new").is_err());
         assert_eq!(fs::read(&p).unwrap(), b"old");
-        let names: Vec<_> = fs::read_dir(d.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        let names: Vec<_> = fs::read_dir(d.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
         assert_eq!(names.len(), 2, "{names:?}");
     }
 }

@@ -8,8 +8,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use iotcred_core::schedule::Mode;
-use iotcred_core::{Credentials, UnixTime, MIN_REMAINING};
-use tokio::sync::{watch, Notify};
+use iotcred_core::{Credentials, MIN_REMAINING, UnixTime};
+use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 
 /// Credentials the refresher obtained, with their lifetime pinned to the monotonic clock.

@@ -7,8 +7,8 @@ use iotcred_core::UnixTime;
 use rustls::client::ResolvesClientCert;
 use rustls::sign::CertifiedKey;
 use rustls::{ClientConfig, RootCertStore, SignatureScheme};
-use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::CertificateDer;
+use rustls_pki_types::pem::PemObject;
 
 use crate::config::Config;
 use crate::keys::{self, KeyError};
@@ -83,12 +83,18 @@ pub fn load_chain(path: &Path) -> Result<Vec<CertificateDer<'static>>, IdentityE
         path: path.display().to_string(),
         message,
     };
-    let data = std::fs::read(path).map_err(|e| err(format!("{e}: check the `certificate` path and its permissions")))?;
+    let data = std::fs::read(path).map_err(|e| {
+        err(format!(
+            "{e}: check the `certificate` path and its permissions"
+        ))
+    })?;
     let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&data)
         .collect::<Result<_, _>>()
         .map_err(|e| err(format!("not a PEM certificate file ({e})")))?;
     if chain.is_empty() {
-        return Err(err("no CERTIFICATE block found: expected the device certificate in PEM".into()));
+        return Err(err(
+            "no CERTIFICATE block found: expected the device certificate in PEM".into(),
+        ));
     }
     Ok(chain)
 }
@@ -173,10 +179,14 @@ pub fn amazon_roots() -> impl Iterator<Item = rustls_pki_types::TrustAnchor<'sta
     fn contains(hay: &[u8], needle: &[u8]) -> bool {
         hay.windows(needle.len()).any(|w| w == needle)
     }
-    webpki_roots::TLS_SERVER_ROOTS.iter().cloned().filter(|ta| {
-        let s: &[u8] = ta.subject.as_ref();
-        contains(s, b"Amazon Root CA") || contains(s, b"Starfield Services Root Certificate Authority")
-    })
+    webpki_roots::TLS_SERVER_ROOTS
+        .iter()
+        .filter(|ta| {
+            let s: &[u8] = ta.subject.as_ref();
+            contains(s, b"Amazon Root CA")
+                || contains(s, b"Starfield Services Root Certificate Authority")
+        })
+        .cloned()
 }
 
 /// Always presents the device certificate.
@@ -184,7 +194,11 @@ pub fn amazon_roots() -> impl Iterator<Item = rustls_pki_types::TrustAnchor<'sta
 struct DeviceCert(Arc<CertifiedKey>);
 
 impl ResolvesClientCert for DeviceCert {
-    fn resolve(&self, _hints: &[&[u8]], sigschemes: &[SignatureScheme]) -> Option<Arc<CertifiedKey>> {
+    fn resolve(
+        &self,
+        _hints: &[&[u8]],
+        sigschemes: &[SignatureScheme],
+    ) -> Option<Arc<CertifiedKey>> {
         self.0.key.choose_scheme(sigschemes).map(|_| self.0.clone())
     }
 
@@ -203,7 +217,9 @@ pub fn client_config(
     let mut cfg = ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
         .with_root_certificates(roots)
-        .with_client_cert_resolver(Arc::new(DeviceCert(Arc::new(CertifiedKey::new(chain, key)))));
+        .with_client_cert_resolver(Arc::new(DeviceCert(Arc::new(CertifiedKey::new(
+            chain, key,
+        )))));
     cfg.enable_sni = true;
     Ok(Arc::new(cfg))
 }
@@ -223,7 +239,10 @@ pub fn load_identity(config: &Config) -> Result<Identity, IdentityError> {
     }
     let roots = root_store(config.ca.as_deref())?;
     let client_config = client_config(roots, chain, key)?;
-    Ok(Identity { client_config, cert })
+    Ok(Identity {
+        client_config,
+        cert,
+    })
 }
 
 #[cfg(test)]

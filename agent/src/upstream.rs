@@ -6,16 +6,18 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use embedded_io_adapters::tokio_1::FromTokio;
-use iotcred_core::exchange::{parse_response, ExchangeError};
-use iotcred_core::FetchError;
-use iotcred_core::{CredentialDuration, ErrorClass, Issued, Request, RoleAlias, ThingName, UnixTime};
+use iotcred_core::exchange::{ExchangeError, parse_response};
+use iotcred_core::{
+    CredentialDuration, ErrorClass, Issued, Request, RoleAlias, ThingName, UnixTime,
+};
+use iotcred_core::{FetchError, HttpError};
 use rustls::ClientConfig;
 use rustls_pki_types::ServerName;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
-use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
+use tokio_rustls::client::TlsStream;
 
 use crate::config::{Config, Endpoint};
 
@@ -67,7 +69,9 @@ pub enum UpstreamError {
         source: io::Error,
     },
     /// No answer in time.
-    #[error("no answer from {target} within {secs} s (timeout_seconds); check the network path to the endpoint")]
+    #[error(
+        "no answer from {target} within {secs} s (timeout_seconds); check the network path to the endpoint"
+    )]
     Timeout {
         /// host:port.
         target: String,
@@ -146,7 +150,11 @@ impl Proxy {
     pub fn parse(url: &str) -> Result<Proxy, String> {
         let rest = match url.split_once("://") {
             Some(("http", rest)) => rest,
-            Some((scheme, _)) => return Err(format!("scheme {scheme:?} is not supported: use an http:// CONNECT proxy")),
+            Some((scheme, _)) => {
+                return Err(format!(
+                    "scheme {scheme:?} is not supported: use an http:// CONNECT proxy"
+                ));
+            }
             None => url,
         };
         let rest = rest.trim_end_matches('/');
@@ -156,14 +164,26 @@ impl Proxy {
         if rest.contains('/') {
             return Err(format!("{url:?}: give http://host:port"));
         }
-        let ep = crate::config::parse_endpoint(rest).map_err(|_| format!("{url:?}: give http://host:port"))?;
-        let port = if rest.ends_with(']') || !rest.contains(':') { 3128 } else { ep.port };
-        Ok(Proxy { host: ep.host, port })
+        let ep = crate::config::parse_endpoint(rest)
+            .map_err(|_| format!("{url:?}: give http://host:port"))?;
+        let port = if rest.ends_with(']') || !rest.contains(':') {
+            3128
+        } else {
+            ep.port
+        };
+        Ok(Proxy {
+            host: ep.host,
+            port,
+        })
     }
 
     /// The proxy for `host` from `HTTPS_PROXY`/`https_proxy`, honouring `NO_PROXY`/`no_proxy`.
     pub fn from_env(host: &str) -> Option<Proxy> {
-        let var = |names: &[&str]| names.iter().find_map(|n| std::env::var(n).ok().filter(|v| !v.is_empty()));
+        let var = |names: &[&str]| {
+            names
+                .iter()
+                .find_map(|n| std::env::var(n).ok().filter(|v| !v.is_empty()))
+        };
         let url = var(&["HTTPS_PROXY", "https_proxy"])?;
         if let Some(no) = var(&["NO_PROXY", "no_proxy"]) {
             if no_proxy_matches(&no, host) {
@@ -183,16 +203,23 @@ impl Proxy {
 /// `NO_PROXY` matching: `*`, exact host, or domain suffix (`.example.com` or `example.com`).
 pub fn no_proxy_matches(list: &str, host: &str) -> bool {
     let host = host.to_ascii_lowercase();
-    list.split(',').map(|e| e.trim().to_ascii_lowercase()).any(|e| {
-        if e.is_empty() {
-            return false;
-        }
-        if e == "*" {
-            return true;
-        }
-        let e = e.split(':').next().unwrap_or("").trim_start_matches("*.").trim_start_matches('.');
-        host == e || host.ends_with(&format!(".{e}"))
-    })
+    list.split(',')
+        .map(|e| e.trim().to_ascii_lowercase())
+        .any(|e| {
+            if e.is_empty() {
+                return false;
+            }
+            if e == "*" {
+                return true;
+            }
+            let e = e
+                .split(':')
+                .next()
+                .unwrap_or("")
+                .trim_start_matches("*.")
+                .trim_start_matches('.');
+            host == e || host.ends_with(&format!(".{e}"))
+        })
 }
 
 /// The upstream: endpoint, TLS configuration, and one idle connection kept for reuse.
@@ -209,8 +236,12 @@ pub struct Upstream {
 impl Upstream {
     /// Builds the upstream for `config` with a loaded TLS configuration.
     pub fn new(config: &Config, client_config: Arc<ClientConfig>) -> Result<Upstream, String> {
-        let server_name = ServerName::try_from(config.endpoint.host.clone())
-            .map_err(|_| format!("endpoint host {:?} is not a valid DNS name or IP address", config.endpoint.host))?;
+        let server_name = ServerName::try_from(config.endpoint.host.clone()).map_err(|_| {
+            format!(
+                "endpoint host {:?} is not a valid DNS name or IP address",
+                config.endpoint.host
+            )
+        })?;
         let proxy = match &config.proxy {
             Some(url) => Some(Proxy::parse(url)?),
             None => Proxy::from_env(&config.endpoint.host),
@@ -243,7 +274,11 @@ impl Upstream {
         if let Some(conn) = reused {
             match self.exchange(conn, role, deadline, true).await {
                 Err(ExchangeFailure::StaleConnection) => {}
-                other => return other.map_err(|f| self.failure(f)).map(|f| f.with_latency(start)),
+                other => {
+                    return other
+                        .map_err(|f| self.failure(f))
+                        .map(|f| f.with_latency(start));
+                }
             }
         }
         let conn = tokio::time::timeout_at(deadline, self.connect())
@@ -272,7 +307,10 @@ impl Upstream {
             ExchangeFailure::Error(e) => e,
             ExchangeFailure::StaleConnection => UpstreamError::Io {
                 target: self.target(),
-                source: io::Error::new(io::ErrorKind::ConnectionReset, "connection closed by the endpoint"),
+                source: io::Error::new(
+                    io::ErrorKind::ConnectionReset,
+                    "connection closed by the endpoint",
+                ),
             },
         }
     }
@@ -281,10 +319,13 @@ impl Upstream {
         let tcp = match &self.proxy {
             None => tcp_connect(&self.endpoint.host, self.endpoint.port).await?,
             Some(p) => {
-                let mut s = tcp_connect(&p.host, p.port).await.map_err(|e| UpstreamError::Proxy {
-                    proxy: format!("{}:{}", p.host, p.port),
-                    message: e.to_string(),
-                })?;
+                let mut s =
+                    tcp_connect(&p.host, p.port)
+                        .await
+                        .map_err(|e| UpstreamError::Proxy {
+                            proxy: format!("{}:{}", p.host, p.port),
+                            message: e.to_string(),
+                        })?;
                 proxy_connect(&mut s, p, &self.target()).await?;
                 s
             }
@@ -302,9 +343,20 @@ impl Upstream {
         deadline: Instant,
         reused: bool,
     ) -> Result<Fetched, ExchangeFailure> {
-        let request = match Request::new(&self.endpoint.host, self.endpoint.port, &role.role_alias, crate::USER_AGENT) {
-            Ok(r) => r.with_thing_name(self.thing_name.as_ref()).with_duration(role.duration),
-            Err(e) => return Err(ExchangeFailure::Error(UpstreamError::Tls(format!("invalid request: {e}")))),
+        let request = match Request::new(
+            &self.endpoint.host,
+            self.endpoint.port,
+            &role.role_alias,
+            crate::USER_AGENT,
+        ) {
+            Ok(r) => r
+                .with_thing_name(self.thing_name.as_ref())
+                .with_duration(role.duration),
+            Err(e) => {
+                return Err(ExchangeFailure::Error(UpstreamError::Tls(format!(
+                    "invalid request: {e}"
+                ))));
+            }
         };
         let mut stream = FromTokio::new(conn);
         let wall_now = UnixTime::now();
@@ -319,26 +371,44 @@ impl Upstream {
         let response = match result {
             Err(_) => return Err(ExchangeFailure::Error(self.timeout_error())),
             Ok(Ok(response)) => response,
+            Ok(Err(FetchError::Exchange(ExchangeError::Http(HttpError::ClosedBeforeResponse))))
+                if reused =>
+            {
+                return Err(ExchangeFailure::StaleConnection);
+            }
             Ok(Err(FetchError::Exchange(error))) => {
                 let message = explain(&error, self.thing_name.as_ref(), &role.role_alias);
-                return Err(ExchangeFailure::Error(UpstreamError::Exchange { error, message }));
+                return Err(ExchangeFailure::Error(UpstreamError::Exchange {
+                    error,
+                    message,
+                }));
             }
             Ok(Err(FetchError::Io(e))) => {
                 if reused
                     && matches!(
                         e.kind(),
-                        io::ErrorKind::UnexpectedEof | io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe
+                        io::ErrorKind::UnexpectedEof
+                            | io::ErrorKind::ConnectionReset
+                            | io::ErrorKind::BrokenPipe
                     )
                 {
                     return Err(ExchangeFailure::StaleConnection);
                 }
                 if tls_cause(&e).is_some() {
-                    return Err(ExchangeFailure::Error(UpstreamError::Tls(tls_message(&e, &target))));
+                    return Err(ExchangeFailure::Error(UpstreamError::Tls(tls_message(
+                        &e, &target,
+                    ))));
                 }
-                return Err(ExchangeFailure::Error(UpstreamError::Io { target, source: e }));
+                return Err(ExchangeFailure::Error(UpstreamError::Io {
+                    target,
+                    source: e,
+                }));
             }
             Ok(Err(_)) => {
-                let source = io::Error::new(io::ErrorKind::WriteZero, "the connection stopped accepting data");
+                let source = io::Error::new(
+                    io::ErrorKind::WriteZero,
+                    "the connection stopped accepting data",
+                );
                 return Err(ExchangeFailure::Error(UpstreamError::Io { target, source }));
             }
         };
@@ -354,7 +424,10 @@ impl Upstream {
             }),
             Err(error) => {
                 let message = explain(&error, self.thing_name.as_ref(), &role.role_alias);
-                Err(ExchangeFailure::Error(UpstreamError::Exchange { error, message }))
+                Err(ExchangeFailure::Error(UpstreamError::Exchange {
+                    error,
+                    message,
+                }))
             }
         }
     }
@@ -384,7 +457,11 @@ impl Fetched {
 }
 
 async fn tcp_connect(host: &str, port: u16) -> Result<TcpStream, UpstreamError> {
-    let target = if host.contains(':') { format!("[{host}]:{port}") } else { format!("{host}:{port}") };
+    let target = if host.contains(':') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    };
     let addrs: Vec<_> = tokio::net::lookup_host((host, port))
         .await
         .map_err(|source| UpstreamError::Resolve {
@@ -402,23 +479,38 @@ async fn tcp_connect(host: &str, port: u16) -> Result<TcpStream, UpstreamError> 
             Err(e) => last = e,
         }
     }
-    Err(UpstreamError::Connect { target, source: last })
+    Err(UpstreamError::Connect {
+        target,
+        source: last,
+    })
 }
 
-async fn proxy_connect(s: &mut TcpStream, proxy: &Proxy, target: &str) -> Result<(), UpstreamError> {
+async fn proxy_connect(
+    s: &mut TcpStream,
+    proxy: &Proxy,
+    target: &str,
+) -> Result<(), UpstreamError> {
     let perr = |message: String| UpstreamError::Proxy {
         proxy: format!("{}:{}", proxy.host, proxy.port),
         message,
     };
-    let req = format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\nUser-Agent: {}\r\n\r\n", crate::USER_AGENT);
-    s.write_all(req.as_bytes()).await.map_err(|e| perr(e.to_string()))?;
+    let req = format!(
+        "CONNECT {target} HTTP/1.1\r\nHost: {target}\r\nUser-Agent: {}\r\n\r\n",
+        crate::USER_AGENT
+    );
+    s.write_all(req.as_bytes())
+        .await
+        .map_err(|e| perr(e.to_string()))?;
     // Read the response head byte by byte so no TLS byte is consumed (a CONNECT 2xx has no body).
     let mut head = Vec::with_capacity(256);
     while !head.ends_with(b"\r\n\r\n") {
         if head.len() >= 8192 {
             return Err(perr("response header too large".into()));
         }
-        let b = s.read_u8().await.map_err(|e| perr(format!("closed during CONNECT: {e}")))?;
+        let b = s
+            .read_u8()
+            .await
+            .map_err(|e| perr(format!("closed during CONNECT: {e}")))?;
         head.push(b);
     }
     let mut headers = [httparse::EMPTY_HEADER; 32];
@@ -434,14 +526,24 @@ async fn proxy_connect(s: &mut TcpStream, proxy: &Proxy, target: &str) -> Result
 }
 
 fn tls_cause(e: &io::Error) -> Option<&rustls::Error> {
-    e.get_ref().and_then(|inner| inner.downcast_ref::<rustls::Error>())
+    e.get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
 }
 
 /// One line for a TLS failure, naming the likely fix.
 fn tls_message(e: &io::Error, target: &str) -> String {
     use rustls::{AlertDescription as A, CertificateError as C, Error as E};
     match tls_cause(e) {
-        Some(E::AlertReceived(A::BadCertificate | A::CertificateRequired | A::UnknownCA | A::CertificateUnknown | A::AccessDenied | A::CertificateRevoked | A::CertificateExpired | A::UnsupportedCertificate)) => format!(
+        Some(E::AlertReceived(
+            A::BadCertificate
+            | A::CertificateRequired
+            | A::UnknownCA
+            | A::CertificateUnknown
+            | A::AccessDenied
+            | A::CertificateRevoked
+            | A::CertificateExpired
+            | A::UnsupportedCertificate,
+        )) => format!(
             "{target} rejected the device certificate during TLS: check that the certificate is registered and ACTIVE in AWS IoT and matches the key"
         ),
         Some(E::InvalidCertificate(C::NotValidYet | C::NotValidYetContext { .. })) => format!(
@@ -455,9 +557,11 @@ fn tls_message(e: &io::Error, target: &str) -> String {
         Some(E::InvalidCertificate(C::UnknownIssuer)) => format!(
             "the server certificate of {target} is not trusted: check `ca` (default: the built-in Amazon roots) and `endpoint`"
         ),
-        Some(E::InvalidCertificate(C::NotValidForName | C::NotValidForNameContext { .. })) => format!(
-            "the server certificate of {target} is not valid for that name: check `endpoint` (use the iot:CredentialProvider endpoint)"
-        ),
+        Some(E::InvalidCertificate(C::NotValidForName | C::NotValidForNameContext { .. })) => {
+            format!(
+                "the server certificate of {target} is not valid for that name: check `endpoint` (use the iot:CredentialProvider endpoint)"
+            )
+        }
         Some(other) => format!("TLS with {target} failed: {other}"),
         None => format!("TLS with {target} failed: {e}"),
     }
@@ -465,13 +569,18 @@ fn tls_message(e: &io::Error, target: &str) -> String {
 
 /// One line for a provider error, naming the fix where the status tells it.
 pub fn explain(error: &ExchangeError, thing: Option<&ThingName>, alias: &RoleAlias) -> String {
-    let provider_msg = error.message().map(|m| format!(" ({m:?})")).unwrap_or_default();
+    let provider_msg = error
+        .message()
+        .map(|m| format!(" ({m:?})"))
+        .unwrap_or_default();
     let thing_s = thing.map(|t| t.as_str()).unwrap_or("(none configured)");
     match error.status() {
         Some(400) => format!(
             "the credentials provider refused the request (400){provider_msg}: check thing_name and duration_seconds (900-43200, at most the role alias's credentialDurationSeconds)"
         ),
-        Some(401) => format!("the credentials provider refused the device certificate (401){provider_msg}: check that the certificate is ACTIVE in AWS IoT"),
+        Some(401) => format!(
+            "the credentials provider refused the device certificate (401){provider_msg}: check that the certificate is ACTIVE in AWS IoT"
+        ),
         Some(403) => format!(
             "the credentials provider denied access (403){provider_msg}: the certificate is not attached to thing {thing_s}, or the IoT policy denies iot:AssumeRoleWithCertificate for role alias {}",
             alias.as_str()
@@ -480,8 +589,12 @@ pub fn explain(error: &ExchangeError, thing: Option<&ThingName>, alias: &RoleAli
             "role alias {} not found (404){provider_msg}: create it (aws iot create-role-alias) or fix role_alias, and check endpoint is the iot:CredentialProvider endpoint of the right region",
             alias.as_str()
         ),
-        Some(429) => format!("the credentials provider is throttling (429){provider_msg}: will retry with backoff"),
-        Some(s) if s >= 500 => format!("the credentials provider failed ({s}){provider_msg}: will retry with backoff"),
+        Some(429) => format!(
+            "the credentials provider is throttling (429){provider_msg}: will retry with backoff"
+        ),
+        Some(s) if s >= 500 => {
+            format!("the credentials provider failed ({s}){provider_msg}: will retry with backoff")
+        }
         _ => format!("the credentials provider's answer is unusable: {error}"),
     }
 }
@@ -492,7 +605,13 @@ mod tests {
 
     #[test]
     fn proxy_urls() {
-        assert_eq!(Proxy::parse("http://p.local:3128").unwrap(), Proxy { host: "p.local".into(), port: 3128 });
+        assert_eq!(
+            Proxy::parse("http://p.local:3128").unwrap(),
+            Proxy {
+                host: "p.local".into(),
+                port: 3128
+            }
+        );
         assert_eq!(Proxy::parse("http://p.local/").unwrap().port, 3128);
         assert_eq!(Proxy::parse("p:8080").unwrap().port, 8080);
         assert!(Proxy::parse("https://p:1").is_err());
@@ -502,7 +621,10 @@ mod tests {
     #[test]
     fn no_proxy() {
         assert!(no_proxy_matches("*", "x.y"));
-        assert!(no_proxy_matches("a.com, .amazonaws.com", "c2.credentials.iot.eu-west-1.amazonaws.com"));
+        assert!(no_proxy_matches(
+            "a.com, .amazonaws.com",
+            "c2.credentials.iot.eu-west-1.amazonaws.com"
+        ));
         assert!(no_proxy_matches("amazonaws.com", "x.amazonaws.com"));
         assert!(no_proxy_matches("localhost,127.0.0.1", "127.0.0.1"));
         assert!(!no_proxy_matches("amazonaws.com", "notamazonaws.com"));

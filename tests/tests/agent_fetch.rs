@@ -408,9 +408,11 @@ fn start_connect_proxy() -> (u16, std::sync::Arc<std::sync::Mutex<Vec<String>>>)
                     }
                 }
                 seen.lock().unwrap().push(line.trim().to_string());
-                let upstream = std::net::TcpStream::connect(target.replace("localhost", "127.0.0.1")).unwrap();
+                let upstream =
+                    std::net::TcpStream::connect(target.replace("localhost", "127.0.0.1")).unwrap();
                 let mut c = client;
-                c.write_all(b"HTTP/1.1 200 Connection established\r\n\r\n").unwrap();
+                c.write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
+                    .unwrap();
                 let (mut c2, mut u2) = (c.try_clone().unwrap(), upstream.try_clone().unwrap());
                 let mut upstream = upstream;
                 let t = std::thread::spawn(move || {
@@ -431,7 +433,12 @@ fn fetch_through_connect_proxy() {
     let env = Env::new();
     let (port, seen) = start_connect_proxy();
     let k = env.pki.device_ec.key.display().to_string();
-    let cfg = env.config_with(&env.pki.device_ec.cert, &k, &format!("proxy = \"http://127.0.0.1:{port}\""), "");
+    let cfg = env.config_with(
+        &env.pki.device_ec.cert,
+        &k,
+        &format!("proxy = \"http://127.0.0.1:{port}\""),
+        "",
+    );
     assert_fetched(&env, &fetch(&env, &cfg, &[]));
     let seen = seen.lock().unwrap().clone();
     assert_eq!(seen, vec![format!("CONNECT {} HTTP/1.1", env.endpoint())]);

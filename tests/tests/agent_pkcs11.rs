@@ -3,10 +3,10 @@
 
 use std::process::Command;
 
+use iotcred_tests::TlsVersions;
 use iotcred_tests::agent::{Env, Output, THING};
 use iotcred_tests::softhsm::SoftHsm;
 use iotcred_tests::tpm::Tpm;
-use iotcred_tests::TlsVersions;
 
 /// A PIN distinctive enough to search logs for.
 const PIN: &str = "pin-7391-5820-secret";
@@ -30,11 +30,16 @@ fn assert_fetched(env: &Env, out: &Output) {
 
 /// A SoftHSM token holding `key_pem`, and the env var the agent needs.
 fn softhsm_with(env: &mut Env, rsa: bool) -> (SoftHsm, String) {
-    let key_pem = if rsa { env.pki.device_rsa.key.clone() } else { env.pki.device_ec.key.clone() };
+    let key_pem = if rsa {
+        env.pki.device_rsa.key.clone()
+    } else {
+        env.pki.device_ec.key.clone()
+    };
     let hsm = SoftHsm::new().expect("SoftHSM fixture");
     hsm.init_token("iotcred", PIN, SO_PIN).unwrap();
     let pem = std::fs::read_to_string(&key_pem).unwrap();
-    hsm.import_key("iotcred", &pem, "device", "01", PIN).unwrap();
+    hsm.import_key("iotcred", &pem, "device", "01", PIN)
+        .unwrap();
     let pin_file = hsm.write_pin_file("pin", PIN).unwrap();
     env.env("SOFTHSM2_CONF", &hsm.conf_path().display().to_string());
     let uri = hsm.uri("iotcred", "device", &pin_file);
@@ -48,7 +53,11 @@ fn softhsm_ec_key_tls13_and_tls12() {
         let (_hsm, uri) = softhsm_with(&mut env, false);
         let cfg = env.config_with(&env.pki.device_ec.cert, &uri, "", "");
         assert_fetched(&env, &fetch(&env, &cfg));
-        let want = if versions == TlsVersions::Tls13Only { "TLSv1.3" } else { "TLSv1.2" };
+        let want = if versions == TlsVersions::Tls13Only {
+            "TLSv1.3"
+        } else {
+            "TLSv1.2"
+        };
         assert_eq!(env.provider.requests()[0].tls_version, want);
         env.assert_no_secrets(&[PIN]);
     }
@@ -69,7 +78,9 @@ fn softhsm_rsa_key_tls13_and_tls12() {
 fn softhsm_pin_value_in_uri_is_never_printed() {
     let mut env = Env::new();
     let (_hsm, _) = softhsm_with(&mut env, false);
-    let uri = format!("pkcs11:token=iotcred;object=device?module-path=/usr/lib/softhsm/libsofthsm2.so&pin-value={PIN}");
+    let uri = format!(
+        "pkcs11:token=iotcred;object=device?module-path=/usr/lib/softhsm/libsofthsm2.so&pin-value={PIN}"
+    );
     let cfg = env.config_with(&env.pki.device_ec.cert, &uri, "", "");
     let out = env.run(&["check", "--config", &cfg.display().to_string(), "--fetch"]);
     assert_eq!(out.code, 0, "{}", out.stderr);
@@ -98,12 +109,25 @@ fn softhsm_missing_module_and_token_are_config_errors() {
     let mut env = Env::new();
     let (hsm, _) = softhsm_with(&mut env, false);
     let pin_file = hsm.write_pin_file("pin2", PIN).unwrap();
-    let uri = format!("pkcs11:token=iotcred;object=device?module-path=/nonexistent/libnope.so&pin-source=file:{}", pin_file.display());
-    let out = fetch(&env, &env.config_with(&env.pki.device_ec.cert, &uri, "", ""));
+    let uri = format!(
+        "pkcs11:token=iotcred;object=device?module-path=/nonexistent/libnope.so&pin-source=file:{}",
+        pin_file.display()
+    );
+    let out = fetch(
+        &env,
+        &env.config_with(&env.pki.device_ec.cert, &uri, "", ""),
+    );
     assert_eq!(out.code, 2, "{}", out.stderr);
-    assert!(out.stderr.contains("/nonexistent/libnope.so"), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("/nonexistent/libnope.so"),
+        "{}",
+        out.stderr
+    );
     let uri = hsm.uri("no-such-token", "device", &pin_file);
-    let out = fetch(&env, &env.config_with(&env.pki.device_ec.cert, &uri, "", ""));
+    let out = fetch(
+        &env,
+        &env.config_with(&env.pki.device_ec.cert, &uri, "", ""),
+    );
     assert_eq!(out.code, 2, "{}", out.stderr);
     assert!(out.stderr.contains("no-such-token"), "{}", out.stderr);
 }
@@ -114,10 +138,17 @@ fn softhsm_agent_run_and_get() {
     let (_hsm, uri) = softhsm_with(&mut env, false);
     let cfg = env.config_with(&env.pki.device_ec.cert, &uri, "", "");
     let mut agent = env.start_agent(&cfg);
-    assert!(agent.wait_ready(std::time::Duration::from_secs(30)), "{}", agent.log());
+    assert!(
+        agent.wait_ready(std::time::Duration::from_secs(30)),
+        "{}",
+        agent.log()
+    );
     let out = env.run(&["get", "--socket", &env.socket().display().to_string()]);
     assert_eq!(out.code, 0, "{}", out.stderr);
-    assert!(out.stdout.contains(&env.provider.last_issued().unwrap().access_key_id));
+    assert!(
+        out.stdout
+            .contains(&env.provider.last_issued().unwrap().access_key_id)
+    );
     agent.stop(&env);
     env.assert_no_secrets(&[PIN]);
 }
@@ -131,7 +162,11 @@ fn keygen_in_token_then_fetch() {
     hsm.init_token("fleet", PIN, SO_PIN).unwrap();
     let pin_file = hsm.write_pin_file("pin", PIN).unwrap();
     env.env("SOFTHSM2_CONF", &hsm.conf_path().display().to_string());
-    let uri = hsm.uri("fleet", "device", &pin_file).replacen("object=device", "object=device;id=%a1%b2", 1);
+    let uri = hsm.uri("fleet", "device", &pin_file).replacen(
+        "object=device",
+        "object=device;id=%a1%b2",
+        1,
+    );
     let csr = env.path().join("device.csr");
     let out = env.run(&[
         "keygen",
@@ -149,7 +184,11 @@ fn keygen_in_token_then_fetch() {
         .arg(&csr)
         .output()
         .unwrap();
-    let verify_out = format!("{}{}", String::from_utf8_lossy(&verify.stdout), String::from_utf8_lossy(&verify.stderr));
+    let verify_out = format!(
+        "{}{}",
+        String::from_utf8_lossy(&verify.stdout),
+        String::from_utf8_lossy(&verify.stderr)
+    );
     assert!(verify.status.success(), "{verify_out}");
     assert!(verify_out.contains(THING), "{verify_out}");
 
@@ -161,14 +200,27 @@ fn keygen_in_token_then_fetch() {
         .unwrap();
     assert!(pubkey.status.success());
     let cert = env.path().join("device-from-csr.pem");
-    env.pki.issue_for_public_key(THING, &pubkey.stdout, &cert).unwrap();
+    env.pki
+        .issue_for_public_key(THING, &pubkey.stdout, &cert)
+        .unwrap();
     let cfg = env.config_with(&cert, &uri, "", "");
     assert_fetched(&env, &fetch(&env, &cfg));
 
     // The key is sensitive and never extractable, as the token reports it.
     let tool = hsm
         .command("pkcs11-tool")
-        .args(["--module", "/usr/lib/softhsm/libsofthsm2.so", "--token-label", "fleet", "--login", "--pin", PIN, "-O", "--type", "privkey"])
+        .args([
+            "--module",
+            "/usr/lib/softhsm/libsofthsm2.so",
+            "--token-label",
+            "fleet",
+            "--login",
+            "--pin",
+            PIN,
+            "-O",
+            "--type",
+            "privkey",
+        ])
         .output()
         .unwrap();
     let listing = String::from_utf8_lossy(&tool.stdout);
@@ -191,7 +243,9 @@ fn tpm_ec_key_fetch() {
         env.env(&k, &v.to_string_lossy());
     }
     let cert = env.path().join("tpm-device.pem");
-    env.pki.issue_for_public_key(THING, tpm.spki(), &cert).unwrap();
+    env.pki
+        .issue_for_public_key(THING, tpm.spki(), &cert)
+        .unwrap();
     let cfg = env.config_with(&cert, tpm.uri(), "", "");
     assert_fetched(&env, &fetch(&env, &cfg));
 }

@@ -152,16 +152,34 @@ fn refreshes_on_schedule_and_keeps_files_through_upstream_failure() {
     assert!(agent.wait_ready(LIMIT), "{}", agent.log());
     let first = env.provider.last_issued().unwrap().access_key_id;
     assert_eq!(current_file_key(&env).as_deref(), Some(first.as_str()));
+    // At the refresh, the provider closes the kept-alive connection without answering (as an
+    // idle-timed-out server would): the agent must retry at once on a new connection.
+    env.provider.push_fault(Fault::CloseBeforeResponse);
 
     // The scheduled refresh replaces the file with the second credentials.
     let second = poll(Duration::from_secs(60), || {
         current_file_key(&env).filter(|k| *k != first)
     })
     .expect("no refresh within 60 s");
-    let issued = env.provider.issued();
-    assert_eq!(issued.len(), 2, "exactly one refresh");
-    assert_eq!(issued[1].access_key_id, second);
+    let complete: Vec<_> = env
+        .provider
+        .issued()
+        .into_iter()
+        .filter(|c| c.complete)
+        .collect();
+    assert_eq!(complete.len(), 2, "exactly one refresh");
+    assert_eq!(complete[1].access_key_id, second);
     let reqs = env.provider.requests();
+    assert_eq!(reqs.len(), 3, "{reqs:#?}");
+    assert_eq!(
+        reqs[1].connection, reqs[0].connection,
+        "keep-alive connection reused"
+    );
+    assert_ne!(
+        reqs[2].connection, reqs[1].connection,
+        "retried on a new connection"
+    );
+    assert_eq!(reqs[2].status, Some(200));
     let gap = reqs[1].received_unix - reqs[0].received_unix;
     // Not before the refresh point (33 s after issue; whole seconds), and before expiry.
     assert!(

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::time::Duration;
 
-use iotcred_tests::agent::{iotcred_bin, poll, Env};
+use iotcred_tests::agent::{Env, iotcred_bin, poll};
 
 const LIMIT: Duration = Duration::from_secs(30);
 
@@ -20,7 +20,11 @@ fn consumers() -> PathBuf {
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// A consumer process speaking one JSON line per request.
@@ -54,7 +58,11 @@ impl Consumer {
             .expect("start consumer");
         let stdin = child.stdin.take().unwrap();
         let stdout = BufReader::new(child.stdout.take().unwrap());
-        Consumer { child, stdin, stdout }
+        Consumer {
+            child,
+            stdin,
+            stdout,
+        }
     }
 
     fn python(env: &[(&str, String)], home: &Path) -> Consumer {
@@ -77,7 +85,8 @@ impl Consumer {
     fn read(&mut self) -> serde_json::Value {
         let mut line = String::new();
         self.stdout.read_line(&mut line).unwrap();
-        serde_json::from_str(line.trim()).unwrap_or_else(|e| panic!("consumer printed {line:?}: {e}"))
+        serde_json::from_str(line.trim())
+            .unwrap_or_else(|e| panic!("consumer printed {line:?}: {e}"))
     }
 
     fn again(&mut self) -> serde_json::Value {
@@ -96,10 +105,16 @@ impl Drop for Consumer {
 
 fn agent_env(env: &Env, port: u16, role: &str) -> Vec<(&'static str, String)> {
     vec![
-        ("AWS_CONTAINER_CREDENTIALS_FULL_URI", format!("http://127.0.0.1:{port}/v1/credentials/{role}")),
+        (
+            "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+            format!("http://127.0.0.1:{port}/v1/credentials/{role}"),
+        ),
         (
             "AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE",
-            env.runtime_dir().join(format!("{role}.token")).display().to_string(),
+            env.runtime_dir()
+                .join(format!("{role}.token"))
+                .display()
+                .to_string(),
         ),
     ]
 }
@@ -147,13 +162,20 @@ fn botocore_container_provider_and_credential_process() {
     )
     .unwrap();
     let mut py = Consumer::python(
-        &[("AWS_CONFIG_FILE", cfg.display().to_string()), ("AWS_PROFILE", "gw".into())],
+        &[
+            ("AWS_CONFIG_FILE", cfg.display().to_string()),
+            ("AWS_PROFILE", "gw".into()),
+        ],
         env.path(),
     );
     let v = py.read();
     assert_eq!(v["method"], "custom-process");
     assert_is(&v, &issued);
-    assert_eq!(env.provider.stats().requests, 1, "consumers are served from the agent's cache");
+    assert_eq!(
+        env.provider.stats().requests,
+        1,
+        "consumers are served from the agent's cache"
+    );
     agent.stop(&env);
     env.assert_no_secrets(&[]);
 }
@@ -192,7 +214,10 @@ fn two_roles_side_by_side_each_with_its_own_token() {
     crossed[1].1 = env.runtime_dir().join("a.token").display().to_string();
     let mut py = Consumer::python(&crossed, env.path());
     let v = py.read();
-    assert!(v["error"].as_str().is_some_and(|e| e.contains("401")), "role a's token opened role b: {v}");
+    assert!(
+        v["error"].as_str().is_some_and(|e| e.contains("401")),
+        "role a's token opened role b: {v}"
+    );
     agent.stop(&env);
 }
 
@@ -201,14 +226,23 @@ fn sdks_pick_up_refreshed_credentials() {
     // 66 s credentials refreshed at 33 s; both SDKs see < 15 min left and ask again each time.
     let env = Env::with_provider(|c| c.ttl = Duration::from_secs(66));
     let port = free_port();
-    let agent = start(&env, "[refresh]\nrefresh_before_seconds = 0\njitter_seconds = 0\n", "", port);
+    let agent = start(
+        &env,
+        "[refresh]\nrefresh_before_seconds = 0\njitter_seconds = 0\n",
+        "",
+        port,
+    );
     let first = env.provider.last_issued().unwrap();
     let mut py = Consumer::python(&agent_env(&env, port, "default"), env.path());
     let mut js = Consumer::node(&agent_env(&env, port, "default"), env.path());
     assert_is(&py.read(), &first);
     assert_is(&js.read(), &first);
 
-    assert!(env.provider.wait_until(|s| s.issued >= 2, Duration::from_secs(90)), "agent did not refresh");
+    assert!(
+        env.provider
+            .wait_until(|s| s.issued >= 2, Duration::from_secs(90)),
+        "agent did not refresh"
+    );
     let second = env.provider.issued()[1].clone();
     // Wait until the agent serves the new credentials (it publishes right after the exchange).
     let sock = env.socket().display().to_string();
@@ -229,6 +263,9 @@ fn sdks_pick_up_refreshed_credentials() {
     })
     .unwrap_or_else(|| panic!("JS SDK never picked up the refresh: {seen:?}"));
     assert_is(&got, &second);
-    assert!(seen.iter().all(|k| *k == first.access_key_id || *k == second.access_key_id));
+    assert!(
+        seen.iter()
+            .all(|k| *k == first.access_key_id || *k == second.access_key_id)
+    );
     agent.stop(&env);
 }
