@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Runs every fuzz target for SECONDS (default 10) from its seed corpus, then prints executions and
+# Runs every fuzz target (`cargo fuzz list`) for SECONDS (default 10) from its seed corpus, then prints executions and
 # crashes per target. Exits non-zero when any target crashed (reproducers land in
 # fuzz/artifacts/<target>/).
 #
@@ -13,7 +13,6 @@ esac
 
 here="$(cd "$(dirname "$0")" && pwd)"
 cd "$here"
-targets=(response_parser credentials_json rfc3339 http_date)
 
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
@@ -21,6 +20,13 @@ trap 'rm -rf "$work"' EXIT
 if ! cargo +nightly fuzz build >"$work/build.log" 2>&1; then
     cat "$work/build.log" >&2
     echo "fuzz build failed" >&2
+    exit 1
+fi
+
+# Every target declared in Cargo.toml (`cargo fuzz list`), so a new target is never skipped.
+mapfile -t targets < <(cargo +nightly fuzz list 2>/dev/null)
+if [ "${#targets[@]}" -eq 0 ]; then
+    echo "no fuzz targets found (cargo fuzz list)" >&2
     exit 1
 fi
 

@@ -68,6 +68,14 @@ pub enum UpstreamError {
         /// Why.
         source: io::Error,
     },
+    /// The provider issued credentials that expire too soon to be handed out.
+    #[error(
+        "the credentials provider issued credentials valid for only {secs} s (less than 60 s): check the provider's clock and the role alias's credentialDurationSeconds"
+    )]
+    ShortLived {
+        /// Lifetime received.
+        secs: u64,
+    },
     /// No answer in time.
     #[error(
         "no answer from {target} within {secs} s (timeout_seconds); check the network path to the endpoint"
@@ -416,6 +424,11 @@ impl Upstream {
             *self.idle.lock().unwrap_or_else(|e| e.into_inner()) = Some(stream.into_inner());
         }
         match parse_response(&response, wall_now) {
+            Ok(issued) if issued.lifetime < iotcred_core::MIN_REMAINING => {
+                Err(ExchangeFailure::Error(UpstreamError::ShortLived {
+                    secs: issued.lifetime.as_secs(),
+                }))
+            }
             Ok(issued) => Ok(Fetched {
                 issued,
                 arrived,

@@ -443,3 +443,13 @@ fn fetch_through_connect_proxy() {
     let seen = seen.lock().unwrap().clone();
     assert_eq!(seen, vec![format!("CONNECT {} HTTP/1.1", env.endpoint())]);
 }
+
+#[test]
+fn credentials_with_less_than_a_minute_left_are_refused() {
+    let env = Env::new();
+    env.provider.set_fault(Fault::Ttl { seconds: 30 });
+    let out = fetch(&env, &env.config(), &[]);
+    assert_eq!(out.code, 4, "{}", out.stderr);
+    assert!(out.stderr.contains("valid for only 30 s"), "{}", out.stderr);
+    assert!(out.stdout.is_empty(), "{}", out.stdout);
+}

@@ -271,3 +271,36 @@ fn sighup_reloads_and_keeps_credentials_of_unchanged_roles() {
     assert_eq!(code, Some(0));
     env.assert_no_secrets(&[]);
 }
+
+#[test]
+fn on_demand_mode_stays_quiet_until_asked() {
+    let env = Env::new();
+    let k = env.pki.device_ec.key.display().to_string();
+    let cfg = env.config_with(
+        &env.pki.device_ec.cert,
+        &k,
+        "[refresh]\nmode = \"on-demand\"\n",
+        "",
+    );
+    let mut agent = env.start_agent(&cfg);
+    // Ready at once: an on-demand role nobody asked for counts as ready, and nothing is fetched.
+    assert!(agent.wait_ready(LIMIT), "{}", agent.log());
+    assert_eq!(env.provider.stats().requests, 0);
+    assert!(!env.runtime_dir().join("credentials").exists());
+
+    // The first request triggers the (single) fetch and waits for it.
+    let sock = env.socket().display().to_string();
+    let out = env.run(&["get", "--socket", &sock]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let issued = env.provider.last_issued().unwrap();
+    assert!(out.stdout.contains(&issued.access_key_id));
+    assert_eq!(
+        current_file_key(&env).as_deref(),
+        Some(issued.access_key_id.as_str())
+    );
+    // Later requests are served from the cache.
+    assert_eq!(env.run(&["get", "--socket", &sock]).code, 0);
+    assert_eq!(env.provider.stats().requests, 1);
+    agent.stop(&env);
+    env.assert_no_secrets(&[]);
+}
