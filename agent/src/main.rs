@@ -1,4 +1,6 @@
 //! `iotcred`: AWS IoT credentials agent for edge gateways.
+// Doc comments on the CLI types are `--help` text, not rustdoc: brackets there are literal.
+#![allow(rustdoc::broken_intra_doc_links)]
 
 use std::path::PathBuf;
 use std::process::ExitCode;

@@ -2,7 +2,7 @@
 //! generation with a PKCS#10 CSR.
 //!
 //! - [`KeySource::parse`] turns the configuration's `key` string into a source: `pkcs11:…`
-//!   is an RFC 7512 URI ([`uri`]), anything else a path to a PEM file.
+//!   is an RFC 7512 URI ([`Pkcs11Uri`]), anything else a path to a PEM file.
 //! - [`load_signing_key`] gives the key to rustls; [`public_key_spki`] gives its public key so
 //!   the caller can check that the certificate belongs to the key.
 //! - [`keygen`] creates a key (inside the token: sensitive and never extractable) and a CSR.
