@@ -64,6 +64,19 @@ wait_for() {
 }
 mib() { awk -v b="$1" 'BEGIN{printf "%.2f MiB", b/1048576}'; }
 
+# ---------------------------------------------------------------- 0. tools
+# Commands the smoke tests use, with the Debian package that provides each.
+missing=()
+for pair in openssl:openssl curl:curl file:file python3:python3 systemd-socket-activate:systemd readelf:binutils; do
+  command -v "${pair%%:*}" >/dev/null || missing+=("${pair#*:}")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  step "apt-get install ${missing[*]}"
+  SUDO=""; [ "$(id -u)" = 0 ] || SUDO=sudo
+  { $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}"; } >"$WORK/apt.log" 2>&1 \
+    || { fail "apt-get install ${missing[*]}"; show "$WORK/apt.log"; }
+fi
+
 # ---------------------------------------------------------------- 1. cross builds
 declare -A BIN
 for t in $TARGETS; do
@@ -78,7 +91,8 @@ for t in $TARGETS; do
     bin=$(printf '%s\n' "$out" | tail -1)
     BIN[$t]=$bin
     size=$(stat -c %s "$bin")
-    pass "build $t: $bin ($size bytes, $(mib "$size"); $(file -b "$bin" | cut -d, -f1-2))"
+    glibc=$(readelf -V --wide "$bin" | grep -o 'GLIBC_[0-9.]*' | sort -uV | tail -1)
+    pass "build $t: $bin ($size bytes, $(mib "$size"); $(file -b "$bin" | cut -d, -f1-2); needs $glibc)"
     if [ "$t" = aarch64-unknown-linux-gnu ]; then
       if [ "$size" -le "$GOAL_AARCH64_BYTES" ]; then
         pass "size aarch64: $(mib "$size") <= goal $(mib "$GOAL_AARCH64_BYTES")"

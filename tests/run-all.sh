@@ -24,8 +24,15 @@ cargo build -p iotcred-core --target thumbv7em-none-eabihf --features async --lo
 step "rustdoc -D warnings"
 RUSTDOCFLAGS=-Dwarnings cargo doc --workspace --no-deps --all-features --locked
 
+if [ -x systemd/check.sh ]; then
+  step "systemd units: verify and exposure score"
+  systemd/check.sh
+fi
+
 step "tests"
 cargo build --workspace --all-targets --all-features --locked
+# The AWS SDK for Rust consumer (its own workspace: aws-config is heavy).
+cargo build --locked --quiet --manifest-path tests/sdk-rust/Cargo.toml
 if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --workspace --all-features --locked --no-fail-fast
   cargo test --workspace --all-features --doc --locked

@@ -25,20 +25,37 @@ pub const EXIT_TRANSIENT: u8 = 4;
 /// Exit code: agent unreachable, refusing, or without credentials.
 pub const EXIT_AGENT: u8 = 5;
 
-/// Logs to stderr; level from `IOTCRED_LOG` (tracing `EnvFilter` syntax), else `default`.
+/// Logs to stderr; level from `IOTCRED_LOG` (a level such as `debug`, or `target=level`
+/// directives like `info,iotcred_agent=trace`), else `default`.
 pub fn init_logging(default: &str) {
-    use tracing_subscriber::EnvFilter;
-    let filter = std::env::var("IOTCRED_LOG")
-        .ok()
-        .and_then(|v| EnvFilter::try_new(v).ok())
-        .unwrap_or_else(|| EnvFilter::new(default));
+    use tracing_subscriber::filter::{LevelFilter, Targets};
+    use tracing_subscriber::layer::SubscriberExt;
+    let fallback = || {
+        default
+            .parse::<Targets>()
+            .unwrap_or_else(|_| Targets::new().with_default(LevelFilter::INFO))
+    };
+    let (filter, bad) = match std::env::var("IOTCRED_LOG") {
+        Ok(v) if !v.trim().is_empty() => match v.trim().parse::<Targets>() {
+            Ok(t) => (t, None),
+            Err(e) => (fallback(), Some(format!("{v:?} ({e})"))),
+        },
+        _ => (fallback(), None),
+    };
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let subscriber = tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_ansi(ansi)
         .with_target(false)
-        .try_init();
+        .with_max_level(LevelFilter::TRACE)
+        .finish()
+        .with(filter);
+    let _ = tracing::subscriber::set_global_default(subscriber);
+    if let Some(bad) = bad {
+        tracing::warn!(
+            "ignoring IOTCRED_LOG={bad}: use a level (error, warn, info, debug, trace) or directives like info,iotcred_agent=debug"
+        );
+    }
 }
 
 fn fail(code: u8, message: impl std::fmt::Display) -> u8 {

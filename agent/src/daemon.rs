@@ -34,12 +34,9 @@ struct Generation {
 
 /// Runs the agent until SIGTERM/SIGINT. Returns the exit code.
 pub async fn run(config: Config) -> u8 {
-    let identity = match tls::load_identity(&config) {
+    let identity = match wait_for_identity(&config).await {
         Ok(i) => i,
-        Err(e) => {
-            eprintln!("iotcred: {e}");
-            return EXIT_CONFIG;
-        }
+        Err(code) => return code,
     };
     if let Err(e) = std::fs::DirBuilder::new()
         .recursive(true)
@@ -136,6 +133,56 @@ pub async fn run(config: Config) -> u8 {
     let _ = tokio::time::timeout(DRAIN_GRACE, server_task).await;
     generation.tasks.shutdown().await;
     EXIT_OK
+}
+
+/// How often `run` re-checks the clock while it is before the certificate's notBefore.
+const CLOCK_RETRY: Duration = Duration::from_secs(5);
+
+/// Loads the identity. A clock before the certificate's notBefore (a gateway without RTC that
+/// booted in 1970 and has no time sync yet) is not a configuration error for the daemon: it
+/// logs one line naming the clock, then retries until the clock is sane (or SIGTERM/SIGINT).
+/// Any other error is a configuration error (exit 2).
+async fn wait_for_identity(config: &Config) -> Result<tls::Identity, u8> {
+    let mut logged = false;
+    loop {
+        match tls::load_identity(config) {
+            Ok(i) => {
+                if logged {
+                    tracing::info!(
+                        "system clock is now after the certificate's notBefore; starting"
+                    );
+                }
+                return Ok(i);
+            }
+            Err(tls::IdentityError::ClockBehind(message)) => {
+                if !logged {
+                    tracing::error!(
+                        "{message}; the system clock looks wrong: waiting for time sync (checking every {} s)",
+                        CLOCK_RETRY.as_secs()
+                    );
+                    sdnotify::status(
+                        "waiting for the system clock (before the certificate's notBefore)",
+                    );
+                    logged = true;
+                }
+                let (Ok(mut term), Ok(mut int)) = (
+                    signal(SignalKind::terminate()),
+                    signal(SignalKind::interrupt()),
+                ) else {
+                    return Err(EXIT_OTHER);
+                };
+                tokio::select! {
+                    _ = tokio::time::sleep(CLOCK_RETRY) => {}
+                    _ = term.recv() => return Err(EXIT_OK),
+                    _ = int.recv() => return Err(EXIT_OK),
+                }
+            }
+            Err(e) => {
+                eprintln!("iotcred: {e}");
+                return Err(EXIT_CONFIG);
+            }
+        }
+    }
 }
 
 fn start_generation(

@@ -4,6 +4,7 @@
 //! them: configuration, mutual TLS with file or PKCS#11 keys, the refresher tasks, the local HTTP
 //! server, file sinks and the command-line tools.
 
+pub mod cert;
 pub mod client;
 pub mod commands;
 pub mod config;

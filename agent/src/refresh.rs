@@ -109,6 +109,10 @@ impl Refresher {
             duration: role.duration,
         };
         let mut schedule = Schedule::new(sched_cfg, clock.now());
+        // A previous run killed mid-write may have left temporary files next to the sinks.
+        for sink in &role.files {
+            crate::sinks::remove_stale_temps(&sink.path);
+        }
         if let Some(held) = publisher
             .snapshot()
             .held

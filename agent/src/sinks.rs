@@ -45,6 +45,34 @@ pub fn write_atomic(path: &Path, mode: u32, contents: &[u8]) -> io::Result<()> {
     result
 }
 
+/// Removes temporary files that an earlier run of [`write_atomic`] for `path` left behind when
+/// it was killed between creating and renaming them (`.<name>.<12 hex digits>.tmp` in the same
+/// directory). Call it before the first write of a sink; only one agent writes a sink.
+pub fn remove_stale_temps(path: &Path) {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let Some(name) = path.file_name() else {
+        return;
+    };
+    let prefix = format!(".{}.", name.to_string_lossy());
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let file = e.file_name();
+        let file = file.to_string_lossy();
+        let is_ours = file
+            .strip_prefix(&prefix)
+            .and_then(|rest| rest.strip_suffix(".tmp"))
+            .is_some_and(|hex| hex.len() == 12 && hex.bytes().all(|b| b.is_ascii_hexdigit()));
+        if is_ours && e.file_type().is_ok_and(|t| t.is_file()) {
+            let _ = fs::remove_file(e.path());
+        }
+    }
+}
+
 /// Writes one sink for `role` from the held credentials.
 pub fn write_sink(
     sink: &FileSink,
@@ -78,6 +106,22 @@ mod tests {
         );
         // No temporary file is left behind.
         assert_eq!(fs::read_dir(d.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn stale_temps_of_a_killed_write_are_removed() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("creds");
+        fs::write(d.path().join(".creds.0123456789ab.tmp"), b"partial").unwrap();
+        fs::write(d.path().join(".other.0123456789ab.tmp"), b"not ours").unwrap();
+        fs::write(d.path().join(".creds.notours.tmp"), b"not ours").unwrap();
+        remove_stale_temps(&p);
+        let mut names: Vec<_> = fs::read_dir(d.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        assert_eq!(names, vec![".creds.notours.tmp", ".other.0123456789ab.tmp"]);
     }
 
     #[test]

@@ -48,6 +48,10 @@ pub enum IdentityError {
     /// The certificate is not valid at the device's current time.
     #[error("{0}")]
     Validity(String),
+    /// The device's clock is before the certificate's notBefore: the clock is wrong (a gateway
+    /// without RTC booting in 1970), not the certificate. `run` waits for time sync on it.
+    #[error("{0}")]
+    ClockBehind(String),
     /// rustls refused the configuration.
     #[error("TLS setup: {0}")]
     Rustls(#[from] rustls::Error),
@@ -110,23 +114,16 @@ pub fn inspect_leaf(
         message,
     };
     let leaf = chain.first().ok_or_else(|| err("empty chain".into()))?;
-    let (_, cert) = x509_parser::parse_x509_certificate(leaf.as_ref())
-        .map_err(|e| err(format!("cannot parse the leaf certificate: {e}")))?;
-    let subject_cn = cert
-        .subject()
-        .iter_common_name()
-        .next()
-        .and_then(|cn| cn.as_str().ok())
-        .map(str::to_string);
+    let leaf = crate::cert::parse_leaf(leaf.as_ref()).map_err(err)?;
     let info = CertInfo {
-        subject_cn,
-        subject: cert.subject().to_string(),
-        not_before: UnixTime::from_secs(cert.validity().not_before.timestamp()),
-        not_after: UnixTime::from_secs(cert.validity().not_after.timestamp()),
+        subject_cn: leaf.subject_cn,
+        subject: leaf.subject,
+        not_before: leaf.not_before,
+        not_after: leaf.not_after,
         chain_len: chain.len(),
     };
     if wall_now < info.not_before {
-        return Err(IdentityError::Validity(format!(
+        return Err(IdentityError::ClockBehind(format!(
             "certificate {} is not valid before {}, but the system clock says {}: set the clock (NTP/RTC) or wait for time sync",
             path.display(),
             info.not_before.rfc3339(),
@@ -146,8 +143,7 @@ pub fn inspect_leaf(
 
 /// The leaf's SubjectPublicKeyInfo DER.
 fn leaf_spki(leaf: &CertificateDer<'_>) -> Option<Vec<u8>> {
-    let (_, cert) = x509_parser::parse_x509_certificate(leaf.as_ref()).ok()?;
-    Some(cert.public_key().raw.to_vec())
+    crate::cert::parse_leaf(leaf.as_ref()).ok().map(|l| l.spki)
 }
 
 /// Trust anchors: the configured CA file, else the Amazon roots built in.

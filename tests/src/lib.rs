@@ -14,6 +14,7 @@
 //! The `fake-provider` binary wraps the same server with a loopback admin listener.
 
 pub mod agent;
+pub mod hostile;
 pub mod pki;
 pub mod provider;
 pub mod softhsm;

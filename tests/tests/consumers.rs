@@ -1,6 +1,7 @@
 //! Real, unmodified AWS SDKs consume credentials from `iotcred run`, configured only through
 //! environment variables or an AWS config file: botocore (PyPI) and the AWS SDK for JavaScript
-//! v3 (npm), installed into `tests/.deps` by `tests/install-deps.sh`.
+//! v3 (npm), installed into `tests/.deps` by `tests/install-deps.sh`, and the AWS SDK for Rust
+//! (`aws-config` from crates.io, built from `tests/sdk-rust`, its own workspace).
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
@@ -17,6 +18,24 @@ fn deps() -> PathBuf {
 
 fn consumers() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("consumers")
+}
+
+/// The aws-config consumer, built on first use (tests/run-all.sh builds it beforehand).
+fn rust_sdk_bin() -> PathBuf {
+    static BIN: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BIN.get_or_init(|| {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("sdk-rust");
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let status = Command::new(cargo)
+            .args(["build", "--locked", "--quiet", "--manifest-path"])
+            .arg(dir.join("Cargo.toml"))
+            .env_remove("CARGO_TARGET_DIR")
+            .status()
+            .expect("cargo build of tests/sdk-rust");
+        assert!(status.success(), "building the aws-config consumer failed");
+        dir.join("target/debug/iotcred-sdk-rust-consumer")
+    })
+    .clone()
 }
 
 fn free_port() -> u16 {
@@ -80,6 +99,10 @@ impl Consumer {
         let mut cmd = Command::new("node");
         cmd.arg(&script);
         Consumer::start(cmd, env, home)
+    }
+
+    fn rust(env: &[(&str, String)], home: &Path) -> Consumer {
+        Consumer::start(Command::new(rust_sdk_bin()), env, home)
     }
 
     fn read(&mut self) -> serde_json::Value {
@@ -267,5 +290,46 @@ fn sdks_pick_up_refreshed_credentials() {
         seen.iter()
             .all(|k| *k == first.access_key_id || *k == second.access_key_id)
     );
+    agent.stop(&env);
+}
+
+#[test]
+fn rust_sdk_default_chain_and_refresh() {
+    // 66 s credentials refreshed at 33 s: the SDK's cache sees them near expiry and asks again.
+    let env = Env::with_provider(|c| c.ttl = Duration::from_secs(66));
+    let port = free_port();
+    let agent = start(
+        &env,
+        "[refresh]\nrefresh_before_seconds = 0\njitter_seconds = 0\n",
+        "",
+        port,
+    );
+    let first = env.provider.last_issued().unwrap();
+    let mut rs = Consumer::rust(&agent_env(&env, port, "default"), env.path());
+    let v = rs.read();
+    assert!(v.get("error").is_none(), "{v}");
+    assert_is(&v, &first);
+    let exp = v["ExpirationUnix"].as_u64().unwrap() as i64;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    assert!(
+        exp > now && exp <= now + 66,
+        "expiration {exp} vs now {now}"
+    );
+
+    assert!(
+        env.provider
+            .wait_until(|s| s.issued >= 2, Duration::from_secs(90)),
+        "agent did not refresh"
+    );
+    let second = env.provider.issued()[1].clone();
+    let got = poll(LIMIT, || {
+        let v = rs.again();
+        (v["AccessKeyId"] == second.access_key_id.as_str()).then_some(v)
+    })
+    .expect("the Rust SDK never picked up the refreshed credentials");
+    assert_is(&got, &second);
     agent.stop(&env);
 }

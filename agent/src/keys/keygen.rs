@@ -13,6 +13,7 @@ use std::path::Path;
 use cryptoki::mechanism::Mechanism;
 use cryptoki::object::{Attribute, ObjectClass, ObjectHandle};
 use cryptoki::session::Session;
+use cryptoki::types::Ulong;
 use rcgen::{CertificateParams, DistinguishedName, DnType, PublicKeyData, SignatureAlgorithm};
 use rustls::SignatureScheme;
 
@@ -268,7 +269,7 @@ fn keygen_token(
         }
         Algorithm::Rsa2048 => {
             public.extend([
-                Attribute::ModulusBits(2048u64.into()),
+                Attribute::ModulusBits(Ulong::from(2048 as std::os::raw::c_ulong)),
                 Attribute::PublicExponent(vec![0x01, 0x00, 0x01]),
             ]);
             Mechanism::RsaPkcsKeyPairGen

@@ -20,7 +20,7 @@ use cryptoki::mechanism::{Mechanism, MechanismType};
 use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHandle};
 use cryptoki::session::{Session, UserType};
 use cryptoki::slot::Slot;
-use cryptoki::types::AuthPin;
+use cryptoki::types::{AuthPin, Ulong};
 use rustls::sign::{Signer, SigningKey};
 use rustls::{SignatureAlgorithm, SignatureScheme};
 use rustls_pki_types::SubjectPublicKeyInfoDer;
@@ -342,12 +342,12 @@ fn sign_in_session(
                 Hash::Sha256 => PkcsPssParams {
                     hash_alg: MechanismType::SHA256,
                     mgf: PkcsMgfType::MGF1_SHA256,
-                    s_len: 32u64.into(),
+                    s_len: Ulong::from(32 as std::os::raw::c_ulong),
                 },
                 Hash::Sha384 => PkcsPssParams {
                     hash_alg: MechanismType::SHA384,
                     mgf: PkcsMgfType::MGF1_SHA384,
-                    s_len: 48u64.into(),
+                    s_len: Ulong::from(48 as std::os::raw::c_ulong),
                 },
             };
             session.sign(&Mechanism::RsaPkcsPss(params), key, &h.digest(message))

@@ -6,6 +6,7 @@
 //! are ignored.
 
 use std::net::Ipv4Addr;
+use std::sync::{Arc, Mutex, Weak};
 
 use bytes::Buf;
 use http_body_util::Full;
@@ -20,7 +21,7 @@ use zeroize::Zeroizing;
 
 use super::Shared;
 use crate::metrics::Route;
-use crate::state::{RoleHandle, RoleHealth};
+use crate::state::{Held, RoleHandle, RoleHealth};
 
 /// Who is on the other end of a connection.
 #[derive(Clone, Copy, Debug)]
@@ -31,12 +32,13 @@ pub(super) enum Peer {
     Unix { uid: Option<u32>, gid: Option<u32> },
 }
 
-/// A response body chunk: static text, owned bytes, or secret bytes zeroized on drop.
+/// A response body chunk: static text, owned bytes, or secret bytes (shared with the
+/// connection's [`BodyCache`]) zeroized when the last reference is dropped.
 #[derive(Debug)]
 pub(super) enum Chunk {
     Static(&'static [u8]),
     Owned(Vec<u8>, usize),
-    Secret(Zeroizing<Vec<u8>>, usize),
+    Secret(Arc<Zeroizing<Vec<u8>>>, usize),
 }
 
 impl Buf for Chunk {
@@ -73,10 +75,56 @@ const PROMETHEUS: HeaderValue =
     HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8");
 
 /// Answers one request; never fails (every problem is an HTTP error response).
-pub(super) async fn handle(shared: &Shared, peer: Peer, req: Request<Incoming>) -> Response<Body> {
-    let (route, resp) = route(shared, peer, &req).await;
+pub(super) async fn handle(
+    shared: &Shared,
+    peer: Peer,
+    cache: &BodyCache,
+    req: Request<Incoming>,
+) -> Response<Body> {
+    let (route, resp) = route(shared, peer, cache, &req).await;
     shared.state.metrics.request(route, resp.status().as_u16());
     resp
+}
+
+/// The last credentials body a connection answered with, reused while the role still holds
+/// the same credentials and the expiration shown (whole seconds) is the same: rendering the
+/// JSON (escaping it character by character) was the largest user-space cost of serving.
+///
+/// One per connection (requests on a connection are answered one at a time, so the lock is
+/// never contended). It does not keep the credentials alive (`Weak`); the rendered bytes are
+/// zeroized when the connection closes or the entry is replaced.
+#[derive(Debug, Default)]
+pub(super) struct BodyCache(Mutex<Option<CachedBody>>);
+
+#[derive(Debug)]
+struct CachedBody {
+    held: Weak<Held>,
+    expiration: UnixTime,
+    body: Arc<Zeroizing<Vec<u8>>>,
+}
+
+impl BodyCache {
+    /// The body for `served` of `role`: the cached one when it was rendered from the same
+    /// credentials and expiration, else a new rendering (which replaces the cached one).
+    fn body(&self, role: &str, served: &crate::state::Served) -> Arc<Zeroizing<Vec<u8>>> {
+        let mut slot = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(c) = slot.as_ref() {
+            if c.expiration == served.expiration
+                && std::ptr::eq(c.held.as_ptr(), Arc::as_ptr(&served.held))
+            {
+                return c.body.clone();
+            }
+        }
+        let mut text =
+            Format::ContainerJson.render(role, &served.held.credentials, served.expiration);
+        let body = Arc::new(Zeroizing::new(std::mem::take(&mut *text).into_bytes()));
+        *slot = Some(CachedBody {
+            held: Arc::downgrade(&served.held),
+            expiration: served.expiration,
+            body: body.clone(),
+        });
+        body
+    }
 }
 
 enum Target<'a> {
@@ -97,7 +145,12 @@ fn target(path: &str) -> Option<Target<'_>> {
     }
 }
 
-async fn route(shared: &Shared, peer: Peer, req: &Request<Incoming>) -> (Route, Response<Body>) {
+async fn route(
+    shared: &Shared,
+    peer: Peer,
+    cache: &BodyCache,
+    req: &Request<Incoming>,
+) -> (Route, Response<Body>) {
     let target = target(req.uri().path());
     let route = match target {
         Some(Target::Credentials(_)) => Route::Credentials,
@@ -118,7 +171,9 @@ async fn route(shared: &Shared, peer: Peer, req: &Request<Incoming>) -> (Route, 
         None => error(StatusCode::NOT_FOUND, NOT_FOUND),
         Some(Target::Health) => health(&shared.state.table().roles),
         Some(Target::Metrics) => metrics(shared),
-        Some(Target::Credentials(name)) => credentials(shared, peer, name, req.headers()).await,
+        Some(Target::Credentials(name)) => {
+            credentials(shared, peer, cache, name, req.headers()).await
+        }
     };
     (route, resp)
 }
@@ -173,6 +228,7 @@ fn port(p: &str) -> bool {
 async fn credentials(
     shared: &Shared,
     peer: Peer,
+    cache: &BodyCache,
     name: Option<&str>,
     headers: &HeaderMap,
 ) -> Response<Body> {
@@ -207,13 +263,7 @@ async fn credentials(
     }
     match role.credentials(shared.state.request_wait).await {
         Ok(served) => {
-            let body = Format::ContainerJson.render(
-                &role.name,
-                &served.held.credentials,
-                served.expiration,
-            );
-            let mut body = body;
-            let bytes = Zeroizing::new(std::mem::take(&mut *body).into_bytes());
+            let bytes = cache.body(&role.name, &served);
             let mut r = Response::new(Full::new(Chunk::Secret(bytes, 0)));
             let h = r.headers_mut();
             h.insert(header::CONTENT_TYPE, JSON);

@@ -498,9 +498,13 @@ async fn run_connection<S>(
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let svc_shared = shared.clone();
+    let cache = Arc::new(handler::BodyCache::default());
     let svc = hyper::service::service_fn(move |req| {
         let shared = svc_shared.clone();
-        async move { Ok::<_, std::convert::Infallible>(handler::handle(&shared, peer, req).await) }
+        let cache = cache.clone();
+        async move {
+            Ok::<_, std::convert::Infallible>(handler::handle(&shared, peer, &cache, req).await)
+        }
     });
     let conn = shared.http.serve_connection(TokioIo::new(stream), svc);
     tokio::pin!(conn);

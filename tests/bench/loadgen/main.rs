@@ -73,10 +73,14 @@ fn parse() -> Result<Opts, String> {
             "--path" => o.path = val()?,
             "--host" => o.host = val()?,
             "--header" => o.headers.push(val()?),
-            "--connections" => o.connections = val()?.parse().map_err(|e| format!("--connections: {e}"))?,
+            "--connections" => {
+                o.connections = val()?.parse().map_err(|e| format!("--connections: {e}"))?
+            }
             "--duration" => o.duration = secs(val()?)?,
             "--warmup" => o.warmup = secs(val()?)?,
-            "--requests" => o.requests = Some(val()?.parse().map_err(|e| format!("--requests: {e}"))?),
+            "--requests" => {
+                o.requests = Some(val()?.parse().map_err(|e| format!("--requests: {e}"))?)
+            }
             "--threads" => o.threads = val()?.parse().map_err(|e| format!("--threads: {e}"))?,
             "-h" | "--help" => return Err(String::new()),
             _ => return Err(format!("unknown argument {a}")),
@@ -117,7 +121,9 @@ fn main() -> ExitCode {
         }
     };
     let rt = if opts.threads == 1 {
-        tokio::runtime::Builder::new_current_thread().enable_all().build()
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
     } else {
         tokio::runtime::Builder::new_multi_thread()
             .worker_threads(opts.threads)
@@ -273,7 +279,8 @@ async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
                 .and_then(|s| std::str::from_utf8(s).ok())
                 .and_then(|s| s.parse().ok())
                 .ok_or_else(|| io::Error::other("bad status line"))?;
-            let length = content_length(head).ok_or_else(|| io::Error::other("no Content-Length"))?;
+            let length =
+                content_length(head).ok_or_else(|| io::Error::other("no Content-Length"))?;
             let mut body_have = have - (end + 4);
             while body_have < length {
                 let want = (length - body_have).min(buf.len());
@@ -284,7 +291,9 @@ async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
                 body_have += n;
             }
             if body_have > length {
-                return Err(io::Error::other("more bytes than Content-Length (pipelining?)"));
+                return Err(io::Error::other(
+                    "more bytes than Content-Length (pipelining?)",
+                ));
             }
             return Ok(status);
         }
