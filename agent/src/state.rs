@@ -165,6 +165,12 @@ impl RolePublisher {
         self.tx.borrow().clone()
     }
 
+    /// How many receivers watch this role: consumer handles plus requests waiting in
+    /// [`RoleHandle::credentials`] (diagnostics and tests).
+    pub fn receivers(&self) -> usize {
+        self.tx.receiver_count()
+    }
+
     /// Resolves when a consumer asked for credentials (on-demand mode, or nothing servable).
     pub async fn demanded(&self) {
         self.demand.notified().await;

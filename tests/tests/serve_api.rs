@@ -525,30 +525,49 @@ async fn oversized_headers_are_rejected_and_others_still_served() {
 }
 
 #[tokio::test]
-async fn connection_limit_closes_extra_connections() {
-    let h = start_with(&[RoleSpec::new("default")], |c| c.max_connections = 2).await;
+async fn connection_limit_evicts_idle_connections_first() {
+    let h = start_with(&[RoleSpec::new("default"), RoleSpec::new("later")], |c| {
+        c.max_connections = 2;
+        c.request_wait = Duration::from_secs(600);
+    })
+    .await;
     h.publish(0, "ASIALIMIT", Duration::from_secs(3600));
     let keep = "GET /v1/credentials HTTP/1.1\r\nHost: localhost\r\n\r\n";
 
-    // Two keep-alive connections hold both slots (each answered, so each was accepted).
+    // Two idle keep-alive connections hold both slots (each answered, so each was accepted).
     let mut a = UnixStream::connect(&h.socket).await.unwrap();
     assert_eq!(exchange(&mut a, keep).await.status, 200);
     let mut b = UnixStream::connect(&h.socket).await.unwrap();
     assert_eq!(exchange(&mut b, keep).await.status, 200);
     assert_eq!(h.metrics.connections_open(), 2);
 
-    // A third is closed at once, without an answer.
+    // A new client is served: the oldest idle connection (a) makes room for it.
     let mut c = UnixStream::connect(&h.socket).await.unwrap();
-    let _ = c.write_all(keep.as_bytes()).await;
-    assert!(closed_without_reply(&mut c).await);
+    assert_eq!(exchange(&mut c, keep).await.status, 200);
+    assert!(
+        closed_without_reply(&mut a).await,
+        "the oldest idle connection was closed"
+    );
+    assert_eq!(exchange(&mut b, keep).await.status, 200);
+    assert_eq!(h.metrics.connections_rejected(), 0);
+
+    // When every connection has a request in progress, a new one is refused at once.
+    let wait = "GET /v1/credentials/later HTTP/1.1\r\nHost: localhost\r\n\r\n";
+    let watching = h.publishers[1].receivers();
+    b.write_all(wait.as_bytes()).await.unwrap();
+    c.write_all(wait.as_bytes()).await.unwrap();
+    // Both requests are under way once each waits on the role's channel.
+    until(|| h.publishers[1].receivers() == watching + 2).await;
+    let mut d = UnixStream::connect(&h.socket).await.unwrap();
+    let _ = d.write_all(keep.as_bytes()).await;
+    assert!(closed_without_reply(&mut d).await);
     assert_eq!(h.metrics.connections_rejected(), 1);
 
-    // Once one goes away, a legitimate client is served again; the held ones still work.
-    drop(a);
-    until(|| h.metrics.connections_open() < 2).await;
-    let r = h.unix_request(&get("/v1/credentials", "")).await;
-    assert_eq!(r.status, 200);
-    assert_eq!(exchange(&mut b, keep).await.status, 200);
+    // The waiting requests are answered once the role has credentials.
+    h.publish(1, "ASIALATER", Duration::from_secs(3600));
+    let rb = read_reply(&mut b).await.expect("b answered");
+    let rc = read_reply(&mut c).await.expect("c answered");
+    assert_eq!((rb.status, rc.status), (200, 200));
     h.shutdown().await;
 }
 

@@ -1,5 +1,6 @@
 //! The little DER the key code needs: ECDSA signature conversion, SubjectPublicKeyInfo
-//! building and parsing, RSA modulus sizes. Definite-length DER only.
+//! building and parsing, RSA modulus sizes, and the pieces of a PKCS#10 request (names,
+//! algorithm identifiers, BIT STRINGs). Definite-length DER only.
 
 /// OID 1.2.840.10045.2.1 (id-ecPublicKey), encoded with tag and length.
 const OID_EC_PUBLIC_KEY: &[u8] = &[0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01];
@@ -51,8 +52,24 @@ pub(crate) fn unsigned_integer(magnitude: &[u8]) -> Vec<u8> {
     tlv(0x02, &content)
 }
 
-fn sequence(parts: &[&[u8]]) -> Vec<u8> {
+/// SEQUENCE of already-encoded parts.
+pub(crate) fn sequence(parts: &[&[u8]]) -> Vec<u8> {
     tlv(0x30, &parts.concat())
+}
+
+/// SET of already-encoded parts, in DER order (sorted by their encodings, X.690 §11.6).
+pub(crate) fn set_of(parts: &[&[u8]]) -> Vec<u8> {
+    let mut sorted = parts.to_vec();
+    sorted.sort_unstable();
+    tlv(0x31, &sorted.concat())
+}
+
+/// BIT STRING with no unused bits.
+pub(crate) fn bit_string(bytes: &[u8]) -> Vec<u8> {
+    let mut content = Vec::with_capacity(bytes.len() + 1);
+    content.push(0);
+    content.extend_from_slice(bytes);
+    tlv(0x03, &content)
 }
 
 /// PKCS#11 returns ECDSA signatures as r‖s; TLS and X.509 want `SEQUENCE { r, s }`.
@@ -67,9 +84,7 @@ pub(crate) fn ecdsa_raw_to_der(raw: &[u8]) -> Option<Vec<u8>> {
 /// SubjectPublicKeyInfo for an EC key; `curve_oid` is a full OID TLV such as [`OID_P256`].
 pub(crate) fn spki_ec(curve_oid: &[u8], point: &[u8]) -> Vec<u8> {
     let alg = sequence(&[OID_EC_PUBLIC_KEY, curve_oid]);
-    let mut bits = vec![0u8];
-    bits.extend_from_slice(point);
-    sequence(&[&alg, &tlv(0x03, &bits)])
+    sequence(&[&alg, &bit_string(point)])
 }
 
 /// PKCS#1 RSAPublicKey.
@@ -80,10 +95,33 @@ pub(crate) fn rsa_public_key(modulus: &[u8], exponent: &[u8]) -> Vec<u8> {
 /// SubjectPublicKeyInfo for an RSA key.
 pub(crate) fn spki_rsa(modulus: &[u8], exponent: &[u8]) -> Vec<u8> {
     let alg = sequence(&[&tlv(0x06, OID_RSA_ENCRYPTION), &[0x05, 0x00]]);
-    let mut bits = vec![0u8];
-    bits.extend_from_slice(&rsa_public_key(modulus, exponent));
-    sequence(&[&alg, &tlv(0x03, &bits)])
+    sequence(&[&alg, &bit_string(&rsa_public_key(modulus, exponent))])
 }
+
+/// AlgorithmIdentifier for ecdsa-with-SHA256 (1.2.840.10045.4.3.2, parameters absent).
+pub(crate) const ALG_ECDSA_SHA256: &[u8] = &[
+    0x30, 0x0a, 0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x04, 0x03, 0x02,
+];
+/// AlgorithmIdentifier for ecdsa-with-SHA384 (1.2.840.10045.4.3.3, parameters absent).
+pub(crate) const ALG_ECDSA_SHA384: &[u8] = &[
+    0x30, 0x0a, 0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x04, 0x03, 0x03,
+];
+/// AlgorithmIdentifier for sha256WithRSAEncryption (1.2.840.113549.1.1.11, NULL parameters).
+pub(crate) const ALG_RSA_PKCS1_SHA256: &[u8] = &[
+    0x30, 0x0d, 0x06, 0x09, 0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x0b, 0x05, 0x00,
+];
+
+/// Attribute type OIDs (X.520, arc 2.5.4), encoded with tag and length.
+pub(crate) const OID_COMMON_NAME: &[u8] = &[0x06, 0x03, 0x55, 0x04, 0x03];
+pub(crate) const OID_COUNTRY_NAME: &[u8] = &[0x06, 0x03, 0x55, 0x04, 0x06];
+pub(crate) const OID_LOCALITY_NAME: &[u8] = &[0x06, 0x03, 0x55, 0x04, 0x07];
+pub(crate) const OID_STATE_OR_PROVINCE_NAME: &[u8] = &[0x06, 0x03, 0x55, 0x04, 0x08];
+pub(crate) const OID_ORGANIZATION_NAME: &[u8] = &[0x06, 0x03, 0x55, 0x04, 0x0a];
+pub(crate) const OID_ORGANIZATIONAL_UNIT_NAME: &[u8] = &[0x06, 0x03, 0x55, 0x04, 0x0b];
+
+/// Universal tags of the directory string types iotcred writes.
+pub(crate) const TAG_UTF8_STRING: u8 = 0x0c;
+pub(crate) const TAG_PRINTABLE_STRING: u8 = 0x13;
 
 /// Reads one TLV: (tag, content, rest).
 pub(crate) fn read_tlv(input: &[u8]) -> Option<(u8, &[u8], &[u8])> {

@@ -14,10 +14,12 @@ use cryptoki::mechanism::Mechanism;
 use cryptoki::object::{Attribute, ObjectClass, ObjectHandle};
 use cryptoki::session::Session;
 use cryptoki::types::Ulong;
-use rcgen::{CertificateParams, DistinguishedName, DnType, PublicKeyData, SignatureAlgorithm};
+use ring::signature::{ECDSA_P256_SHA256_ASN1_SIGNING, EcdsaKeyPair, KeyPair};
 use rustls::SignatureScheme;
 
+use super::csr::{self, AttrType, SignatureAlg, Subject};
 use super::der;
+use super::pem;
 use super::pkcs11::{self, KeyKind};
 use super::{KeyError, KeySource, Pkcs11Uri};
 
@@ -53,25 +55,19 @@ pub fn keygen(
     algorithm: Algorithm,
     overwrite: bool,
 ) -> Result<String, KeyError> {
-    let params = csr_params(subject)?;
+    let dn = parse_dn(subject)?;
     match src {
-        KeySource::Pem(path) => keygen_pem(path, &params, algorithm, overwrite),
-        KeySource::Pkcs11(uri) => keygen_token(uri, &params, algorithm, overwrite),
+        KeySource::Pem(path) => keygen_pem(path, &dn, algorithm, overwrite),
+        KeySource::Pkcs11(uri) => keygen_token(uri, &dn, algorithm, overwrite),
     }
 }
 
-fn csr_params(subject: &str) -> Result<CertificateParams, KeyError> {
-    let mut params = CertificateParams::default();
-    params.distinguished_name = parse_dn(subject)?;
-    Ok(params)
-}
+/// PEM label of a PKCS#10 request.
+const CSR_LABEL: &str = "CERTIFICATE REQUEST";
 
-fn rcgen_err(e: rcgen::Error) -> KeyError {
-    KeyError::Keygen(format!("cannot build the CSR: {e}"))
-}
-
-/// Parses `CN=a,O=b` (RFC 4514 order and `\,` escapes; types CN, O, OU, C, ST, L).
-fn parse_dn(subject: &str) -> Result<DistinguishedName, KeyError> {
+/// Parses `CN=a,O=b` (RFC 4514 order and `\,` escapes; types CN, O, OU, C, ST, L). The
+/// attributes stay in the order given, one RDN each.
+fn parse_dn(subject: &str) -> Result<Subject, KeyError> {
     let bad = |detail: String| KeyError::InvalidSubject {
         subject: subject.to_owned(),
         detail,
@@ -90,8 +86,7 @@ fn parse_dn(subject: &str) -> Result<DistinguishedName, KeyError> {
         }
     }
     parts.push(cur);
-    let mut dn = DistinguishedName::new();
-    let mut seen = Vec::new();
+    let mut dn = Subject::default();
     for part in parts {
         let Some((ty, value)) = part.split_once('=') else {
             return Err(bad(format!("\"{}\" is not TYPE=value", part.trim())));
@@ -101,24 +96,17 @@ fn parse_dn(subject: &str) -> Result<DistinguishedName, KeyError> {
         if value.is_empty() {
             return Err(bad(format!("{ty} has an empty value")));
         }
-        let dn_type = match ty.to_ascii_uppercase().as_str() {
-            "CN" => DnType::CommonName,
-            "O" => DnType::OrganizationName,
-            "OU" => DnType::OrganizationalUnitName,
-            "C" => DnType::CountryName,
-            "ST" => DnType::StateOrProvinceName,
-            "L" => DnType::LocalityName,
-            _ => {
-                return Err(bad(format!(
-                    "unsupported attribute type \"{ty}\" (use CN, O, OU, C, ST, L)"
-                )));
-            }
+        let Some(attr) = AttrType::from_short_name(ty) else {
+            return Err(bad(format!(
+                "unsupported attribute type \"{ty}\" (use CN, O, OU, C, ST, L)"
+            )));
         };
-        if seen.contains(&dn_type) {
+        if dn.get(attr).is_some() {
             return Err(bad(format!("{ty} is given twice")));
         }
-        seen.push(dn_type.clone());
-        dn.push(dn_type, value);
+        attr.check_value(value)
+            .map_err(|detail| bad(format!("{ty} {detail}")))?;
+        dn.push(attr, value);
     }
     Ok(dn)
 }
@@ -127,7 +115,7 @@ fn parse_dn(subject: &str) -> Result<DistinguishedName, KeyError> {
 
 fn keygen_pem(
     path: &Path,
-    params: &CertificateParams,
+    subject: &Subject,
     algorithm: Algorithm,
     overwrite: bool,
 ) -> Result<String, KeyError> {
@@ -141,11 +129,21 @@ fn keygen_pem(
     if !overwrite && path.symlink_metadata().is_ok() {
         return Err(KeyError::KeyExists(format!("key file {}", path.display())));
     }
-    let kp = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(rcgen_err)?;
-    let csr = params.serialize_request(&kp).map_err(rcgen_err)?;
-    let pem = zeroize::Zeroizing::new(kp.serialize_pem());
-    write_private(path, pem.as_bytes(), overwrite)?;
-    csr.pem().map_err(rcgen_err)
+    let rng = ring::rand::SystemRandom::new();
+    let alg = &ECDSA_P256_SHA256_ASN1_SIGNING;
+    let ring_err = |what: &str| KeyError::Keygen(format!("cannot {what} an EC P-256 key"));
+    // PKCS#8 v1 with the public key, as `openssl pkey` and rustls read it.
+    let pkcs8 = EcdsaKeyPair::generate_pkcs8(alg, &rng).map_err(|_| ring_err("generate"))?;
+    let kp = EcdsaKeyPair::from_pkcs8(alg, pkcs8.as_ref(), &rng).map_err(|_| ring_err("load"))?;
+    let spki = der::spki_ec(der::OID_P256, kp.public_key().as_ref());
+    let csr = csr::build(subject, &spki, SignatureAlg::EcdsaP256Sha256, |info| {
+        kp.sign(&rng, info)
+            .map(|sig| sig.as_ref().to_vec())
+            .map_err(|_| KeyError::Sign("ECDSA signing of the CSR failed".into()))
+    })?;
+    let key_pem = zeroize::Zeroizing::new(pem::encode("PRIVATE KEY", pkcs8.as_ref()));
+    write_private(path, key_pem.as_bytes(), overwrite)?;
+    Ok(pem::encode(CSR_LABEL, &csr))
 }
 
 /// Writes `data` to `path` with mode 0600, never visible with a wider mode: created with
@@ -208,7 +206,7 @@ fn write_private(path: &Path, data: &[u8], overwrite: bool) -> Result<(), KeyErr
 
 fn keygen_token(
     uri: &Pkcs11Uri,
-    params: &CertificateParams,
+    subject: &Subject,
     algorithm: Algorithm,
     overwrite: bool,
 ) -> Result<String, KeyError> {
@@ -291,9 +289,38 @@ fn keygen_token(
     }
     tracing::debug!(token = %label, ?kind, "generated a key pair in the token");
 
-    let signer = TokenCsrKey::new(&session, priv_h, kind, &spki)?;
-    let csr = params.serialize_request(&signer).map_err(rcgen_err)?;
-    csr.pem().map_err(rcgen_err)
+    let (alg, scheme) = token_csr_algorithm(kind, &spki)?;
+    let csr = csr::build(subject, &spki, alg, |info| {
+        // ECDSA comes back DER-encoded; RSA is CKM_RSA_PKCS over the SHA-256 DigestInfo.
+        pkcs11::sign_once(&session, priv_h, kind, scheme, info).inspect_err(|e| {
+            tracing::warn!(error = %e, "signing the CSR in the token failed");
+        })
+    })?;
+    Ok(pem::encode(CSR_LABEL, &csr))
+}
+
+/// The CSR signature algorithm for the generated key, and the scheme the token signs with.
+fn token_csr_algorithm(
+    kind: KeyKind,
+    spki: &[u8],
+) -> Result<(SignatureAlg, SignatureScheme), KeyError> {
+    match (kind, der::parse_spki(spki)) {
+        (KeyKind::EcP256, Some(der::SpkiKey::Ec { .. })) => Ok((
+            SignatureAlg::EcdsaP256Sha256,
+            SignatureScheme::ECDSA_NISTP256_SHA256,
+        )),
+        (KeyKind::EcP384, Some(der::SpkiKey::Ec { .. })) => Ok((
+            SignatureAlg::EcdsaP384Sha384,
+            SignatureScheme::ECDSA_NISTP384_SHA384,
+        )),
+        (KeyKind::Rsa(_), Some(der::SpkiKey::Rsa { .. })) => Ok((
+            SignatureAlg::RsaPkcs1Sha256,
+            SignatureScheme::RSA_PKCS1_SHA256,
+        )),
+        _ => Err(KeyError::Keygen(
+            "cannot read the generated public key".into(),
+        )),
+    }
 }
 
 /// Key objects (private or public) that carry the URI's label or id.
@@ -324,75 +351,6 @@ fn existing_objects(
     Ok(found)
 }
 
-/// The token key as an rcgen signer, for the CSR.
-struct TokenCsrKey<'a> {
-    session: &'a Session,
-    key: ObjectHandle,
-    kind: KeyKind,
-    public: Vec<u8>,
-    alg: &'static SignatureAlgorithm,
-    scheme: SignatureScheme,
-}
-
-impl<'a> TokenCsrKey<'a> {
-    fn new(
-        session: &'a Session,
-        key: ObjectHandle,
-        kind: KeyKind,
-        spki: &[u8],
-    ) -> Result<Self, KeyError> {
-        let (public, alg, scheme) = match der::parse_spki(spki) {
-            Some(der::SpkiKey::Ec { point, .. }) if kind == KeyKind::EcP256 => (
-                point.to_vec(),
-                &rcgen::PKCS_ECDSA_P256_SHA256,
-                SignatureScheme::ECDSA_NISTP256_SHA256,
-            ),
-            Some(der::SpkiKey::Ec { point, .. }) if kind == KeyKind::EcP384 => (
-                point.to_vec(),
-                &rcgen::PKCS_ECDSA_P384_SHA384,
-                SignatureScheme::ECDSA_NISTP384_SHA384,
-            ),
-            Some(der::SpkiKey::Rsa { public_key, .. }) => (
-                public_key.to_vec(),
-                &rcgen::PKCS_RSA_SHA256,
-                SignatureScheme::RSA_PKCS1_SHA256,
-            ),
-            _ => {
-                return Err(KeyError::Keygen(
-                    "cannot read the generated public key".into(),
-                ));
-            }
-        };
-        Ok(TokenCsrKey {
-            session,
-            key,
-            kind,
-            public,
-            alg,
-            scheme,
-        })
-    }
-}
-
-impl PublicKeyData for TokenCsrKey<'_> {
-    fn der_bytes(&self) -> &[u8] {
-        &self.public
-    }
-
-    fn algorithm(&self) -> &'static SignatureAlgorithm {
-        self.alg
-    }
-}
-
-impl rcgen::SigningKey for TokenCsrKey<'_> {
-    fn sign(&self, msg: &[u8]) -> Result<Vec<u8>, rcgen::Error> {
-        pkcs11::sign_once(self.session, self.key, self.kind, self.scheme, msg).map_err(|e| {
-            tracing::warn!(error = %e, "signing the CSR in the token failed");
-            rcgen::Error::RemoteKeyError
-        })
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -401,12 +359,35 @@ mod tests {
     #[test]
     fn dn_parsing() {
         let dn = parse_dn("CN=gateway-0042, O=Example\\, Inc.,C=DE").unwrap();
+        assert_eq!(dn.get(AttrType::Organization), Some("Example, Inc."));
         assert_eq!(
-            dn.get(&DnType::OrganizationName),
-            Some(&rcgen::DnValue::Utf8String("Example, Inc.".into()))
+            dn.attrs().collect::<Vec<_>>(),
+            [
+                (AttrType::CommonName, "gateway-0042"),
+                (AttrType::Organization, "Example, Inc."),
+                (AttrType::Country, "DE"),
+            ]
         );
-        assert!(dn.get(&DnType::CommonName).is_some());
-        for bad in ["", "CN", "CN=", "XX=1", "CN=a,CN=b", "CN=a\\"] {
+        let dn = parse_dn("l=Berlin,st=Berlin,ou=Ops,cn=x").unwrap();
+        assert_eq!(
+            dn.attrs().map(|(t, _)| t).collect::<Vec<_>>(),
+            [
+                AttrType::Locality,
+                AttrType::StateOrProvince,
+                AttrType::OrganizationalUnit,
+                AttrType::CommonName,
+            ]
+        );
+        for bad in [
+            "",
+            "CN",
+            "CN=",
+            "XX=1",
+            "CN=a,CN=b",
+            "CN=a\\",
+            "CN=a,C=Germany",
+            "CN=a,C=D1",
+        ] {
             let e = parse_dn(bad).unwrap_err();
             assert!(matches!(e, KeyError::InvalidSubject { .. }), "{bad}: {e}");
         }
@@ -432,7 +413,41 @@ mod tests {
         // Only the key is left in the directory (no temporary files).
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
         // And it loads.
-        super::super::load_signing_key(&src).unwrap();
+        let key = super::super::load_signing_key(&src).unwrap();
+        let spki = super::super::spki_of(key.as_ref()).unwrap();
+        // The CSR verifies, carries the key and the subject, and is signed with ECDSA SHA-256.
+        let csr = keygen(
+            &src,
+            "CN=gw,O=Example\\, Inc.,C=DE",
+            Algorithm::EcP256,
+            true,
+        )
+        .unwrap();
+        let parsed = rcgen::CertificateSigningRequestParams::from_pem(&csr).unwrap();
+        {
+            use rcgen::PublicKeyData;
+            assert_eq!(
+                parsed.public_key.algorithm(),
+                &rcgen::PKCS_ECDSA_P256_SHA256
+            );
+            let key = super::super::load_signing_key(&src).unwrap();
+            let new_spki = super::super::spki_of(key.as_ref()).unwrap();
+            assert_ne!(new_spki, spki);
+            assert_eq!(parsed.public_key.subject_public_key_info(), new_spki);
+        }
+        let dn = &parsed.params.distinguished_name;
+        assert_eq!(
+            dn.get(&rcgen::DnType::OrganizationName),
+            Some(&rcgen::DnValue::Utf8String("Example, Inc.".into()))
+        );
+        assert_eq!(
+            dn.get(&rcgen::DnType::CountryName),
+            Some(&rcgen::DnValue::PrintableString("DE".try_into().unwrap()))
+        );
+        // The key file is a PKCS#8 PEM block.
+        let key_pem = std::fs::read_to_string(&path).unwrap();
+        assert!(key_pem.starts_with("-----BEGIN PRIVATE KEY-----\n"));
+        assert!(key_pem.ends_with("-----END PRIVATE KEY-----\n"));
         let e = keygen(&src, "CN=gw", Algorithm::Rsa2048, true).unwrap_err();
         assert!(e.to_string().contains("RSA"), "{e}");
     }

@@ -9,8 +9,10 @@
 //!
 //! PINs never appear in errors or logs.
 
+mod csr;
 mod der;
 mod keygen;
+mod pem;
 pub mod pkcs11;
 mod uri;
 

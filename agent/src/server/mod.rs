@@ -350,6 +350,82 @@ struct Shared {
     http: http1::Builder,
 }
 
+/// Open connections in accept order, so that a full server can close the oldest connection
+/// that has no request in progress (an idle keep-alive or a slow, unfinished request head)
+/// to make room for a new client: a flood of idle connections cannot lock legitimate clients
+/// out.
+#[derive(Default)]
+struct ConnRegistry {
+    next_id: std::sync::atomic::AtomicU64,
+    conns: std::sync::Mutex<std::collections::VecDeque<ConnSlot>>,
+}
+
+struct ConnSlot {
+    id: u64,
+    busy: Arc<std::sync::atomic::AtomicUsize>,
+    evict: Arc<tokio::sync::Notify>,
+}
+
+impl ConnRegistry {
+    fn register(
+        &self,
+    ) -> (
+        u64,
+        Arc<std::sync::atomic::AtomicUsize>,
+        Arc<tokio::sync::Notify>,
+    ) {
+        let id = self
+            .next_id
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let busy = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let evict = Arc::new(tokio::sync::Notify::new());
+        self.conns
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push_back(ConnSlot {
+                id,
+                busy: busy.clone(),
+                evict: evict.clone(),
+            });
+        (id, busy, evict)
+    }
+
+    fn remove(&self, id: u64) {
+        let mut conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(i) = conns.iter().position(|c| c.id == id) {
+            conns.remove(i);
+        }
+    }
+
+    /// Asks the oldest connection without a request in progress to close; false if every
+    /// connection is busy.
+    fn evict_oldest_idle(&self) -> bool {
+        let mut conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(i) = conns
+            .iter()
+            .position(|c| c.busy.load(std::sync::atomic::Ordering::Acquire) == 0)
+        else {
+            return false;
+        };
+        if let Some(slot) = conns.remove(i) {
+            slot.evict.notify_one();
+        }
+        true
+    }
+}
+
+/// Decrements a connection's in-progress request count when a request is done.
+struct BusyGuard(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Drop for BusyGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::Release);
+    }
+}
+
+/// How long a new connection waits for the slot of an evicted idle one.
+const EVICTION_WAIT: Duration = Duration::from_millis(500);
+
 /// Drain phases broadcast to connection tasks.
 const RUNNING: u8 = 0;
 const DRAINING: u8 = 1;
@@ -385,6 +461,7 @@ pub async fn serve(
     });
 
     let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let registry = Arc::new(ConnRegistry::default());
     let (drain_tx, drain_rx) = watch::channel(RUNNING);
     let (done_tx, mut done_rx) = mpsc::channel::<()>(1);
     let metrics = state.metrics.clone();
@@ -406,23 +483,47 @@ pub async fn serve(
                 continue;
             }
         };
-        let Ok(permit) = slots.clone().try_acquire_owned() else {
-            metrics.connection_rejected();
-            drop(conn);
-            continue;
+        let permit = match slots.clone().try_acquire_owned() {
+            Ok(p) => p,
+            Err(_) if registry.evict_oldest_idle() => {
+                match tokio::time::timeout(EVICTION_WAIT, slots.clone().acquire_owned()).await {
+                    Ok(Ok(p)) => p,
+                    _ => {
+                        metrics.connection_rejected();
+                        drop(conn);
+                        continue;
+                    }
+                }
+            }
+            Err(_) => {
+                metrics.connection_rejected();
+                drop(conn);
+                continue;
+            }
         };
         metrics.connection_opened();
         let shared = shared.clone();
         let drain = drain_rx.clone();
         let done = done_tx.clone();
+        let registry = registry.clone();
+        let (id, busy, evict) = registry.register();
         tokio::spawn(async move {
             let _permit = permit;
             let _done = done;
             let _open = OpenGuard(&shared.state.metrics);
-            match conn {
-                Conn::Unix(s, peer) => run_connection(&shared, s, peer, drain).await,
-                Conn::Tcp(s) => run_connection(&shared, s, handler::Peer::Tcp, drain).await,
+            let conn_task = async {
+                match conn {
+                    Conn::Unix(s, peer) => run_connection(&shared, s, peer, drain, busy).await,
+                    Conn::Tcp(s) => {
+                        run_connection(&shared, s, handler::Peer::Tcp, drain, busy).await
+                    }
+                }
+            };
+            tokio::select! {
+                () = conn_task => {}
+                () = evict.notified() => {}
             }
+            registry.remove(id);
         });
     }
 
@@ -494,6 +595,7 @@ async fn run_connection<S>(
     stream: S,
     peer: handler::Peer,
     mut drain: watch::Receiver<u8>,
+    busy: Arc<std::sync::atomic::AtomicUsize>,
 ) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
@@ -502,7 +604,10 @@ async fn run_connection<S>(
     let svc = hyper::service::service_fn(move |req| {
         let shared = svc_shared.clone();
         let cache = cache.clone();
+        busy.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        let guard = BusyGuard(busy.clone());
         async move {
+            let _guard = guard;
             Ok::<_, std::convert::Infallible>(handler::handle(&shared, peer, &cache, req).await)
         }
     });
