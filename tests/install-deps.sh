@@ -29,6 +29,12 @@ done
 rustup component list --installed | grep -q '^clippy' || rustup component add clippy
 rustup component list --installed | grep -q '^rustfmt' || rustup component add rustfmt
 
+# Fuzzing (a short run of every target is part of the suite): nightly + cargo-fuzz.
+if [ -z "${SKIP_SLOW:-}" ]; then
+  rustup toolchain list | grep -q '^nightly' || rustup toolchain install nightly --profile minimal
+  cargo +nightly fuzz --version >/dev/null 2>&1 || cargo install cargo-fuzz --locked --quiet
+fi
+
 # Consumers: real AWS SDKs, installed from their registries into a project-local directory.
 DEPS=tests/.deps
 mkdir -p "$DEPS"
