@@ -258,8 +258,18 @@ fn sdks_pick_up_refreshed_credentials() {
     let first = env.provider.last_issued().unwrap();
     let mut py = Consumer::python(&agent_env(&env, port, "default"), env.path());
     let mut js = Consumer::node(&agent_env(&env, port, "default"), env.path());
+    let mut rs = Consumer::rust(&agent_env(&env, port, "default"), env.path());
     assert_is(&py.read(), &first);
     assert_is(&js.read(), &first);
+    let v = rs.read();
+    assert_is(&v, &first);
+    // The Rust SDK exposes the expiration it was given: the agent's clock plus the lifetime left.
+    let exp = v["ExpirationUnix"].as_i64().unwrap();
+    let now = iotcred_core::UnixTime::now().as_secs();
+    assert!(
+        exp > now && exp <= now + 66,
+        "expiration {exp} vs now {now}"
+    );
 
     assert!(
         env.provider
@@ -277,59 +287,32 @@ fn sdks_pick_up_refreshed_credentials() {
     // botocore refreshes synchronously when < 15 min are left: the next call has them.
     assert_is(&py.again(), &second);
     // The JS SDK refreshes in the background when < 5 min are left and returns the still-valid
-    // credentials meanwhile: a later call has the new ones.
-    let mut seen = Vec::new();
-    let got = poll(LIMIT, || {
-        let v = js.again();
-        seen.push(v["AccessKeyId"].as_str().unwrap_or("").to_string());
-        (v["AccessKeyId"] == second.access_key_id.as_str()).then_some(v)
-    })
-    .unwrap_or_else(|| panic!("JS SDK never picked up the refresh: {seen:?}"));
-    assert_is(&got, &second);
-    assert!(
-        seen.iter()
-            .all(|k| *k == first.access_key_id || *k == second.access_key_id)
-    );
+    // credentials meanwhile; the Rust SDK's cache refreshes when they are near expiry: a later
+    // call has the new ones.
+    until_refreshed(&mut js, "JS", &first, &second);
+    until_refreshed(&mut rs, "Rust", &first, &second);
     agent.stop(&env);
 }
 
-#[test]
-fn rust_sdk_default_chain_and_refresh() {
-    // 66 s credentials refreshed at 33 s: the SDK's cache sees them near expiry and asks again.
-    let env = Env::with_provider(|c| c.ttl = Duration::from_secs(66));
-    let port = free_port();
-    let agent = start(
-        &env,
-        "[refresh]\nrefresh_before_seconds = 0\njitter_seconds = 0\n",
-        "",
-        port,
-    );
-    let first = env.provider.last_issued().unwrap();
-    let mut rs = Consumer::rust(&agent_env(&env, port, "default"), env.path());
-    let v = rs.read();
-    assert!(v.get("error").is_none(), "{v}");
-    assert_is(&v, &first);
-    let exp = v["ExpirationUnix"].as_u64().unwrap() as i64;
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs() as i64;
-    assert!(
-        exp > now && exp <= now + 66,
-        "expiration {exp} vs now {now}"
-    );
-
-    assert!(
-        env.provider
-            .wait_until(|s| s.issued >= 2, Duration::from_secs(90)),
-        "agent did not refresh"
-    );
-    let second = env.provider.issued()[1].clone();
+/// Asks `c` again until it hands out `second`; everything it handed out meanwhile must have been
+/// `first` (still valid) or `second`.
+fn until_refreshed(
+    c: &mut Consumer,
+    sdk: &str,
+    first: &iotcred_tests::IssuedCredentials,
+    second: &iotcred_tests::IssuedCredentials,
+) {
+    let mut seen = Vec::new();
     let got = poll(LIMIT, || {
-        let v = rs.again();
+        let v = c.again();
+        seen.push(v["AccessKeyId"].as_str().unwrap_or("").to_string());
         (v["AccessKeyId"] == second.access_key_id.as_str()).then_some(v)
     })
-    .expect("the Rust SDK never picked up the refreshed credentials");
-    assert_is(&got, &second);
-    agent.stop(&env);
+    .unwrap_or_else(|| panic!("the {sdk} SDK never picked up the refresh: {seen:?}"));
+    assert_is(&got, second);
+    assert!(
+        seen.iter()
+            .all(|k| *k == first.access_key_id || *k == second.access_key_id),
+        "{sdk}: {seen:?}"
+    );
 }
