@@ -3,7 +3,7 @@
 # with medians and ratios (and writes it as markdown with --out).
 #
 # Usage: tests/bench/compare.sh [--quick] [--out FILE] [--keep] [--no-cross]
-#   --quick     fewer runs, shorter loads (about 4 minutes once built); figures are rougher
+#   --quick     fewer runs, shorter loads (about 5 minutes once built); figures are rougher
 #   --out FILE  also write the table (markdown, with machine and method notes) to FILE
 #   --keep      keep the temporary directory (logs, configs, raw results) and print its path
 #   --no-cross  skip the aarch64 build (its size row then says "skipped")
@@ -275,6 +275,15 @@ A0=$(ctxsw "$A_PID"); B0=$(ctxsw "$B_PID")
 LSUM='iotcred_upstream_latency_seconds_sum{role="default"}'
 LCNT='iotcred_upstream_latency_seconds_count{role="default"}'
 prev_c=$(metric "$T_PORT" "$LCNT"); prev_s=$(metric "$T_PORT" "$LSUM")
+# curl on one kept-alive connection with the same kind of idle gap as the agent's refreshes
+# (one transfer every 15 s, --rate 4/m): both sides (and the provider) have gone idle between
+# exchanges, unlike curl's back-to-back transfers in section 2.
+urls_idle=()
+for _ in $(seq 0 $((IDLE_S / 16))); do urls_idle+=(-o /dev/null "https://127.0.0.1:$MAIN_PORT/role-aliases/GatewayRole/credentials"); done
+curl -sS --cert "$PKI/device.pem.crt" --key "$PKI/device.key" --cacert "$PKI/ca.pem" --rate 4/m \
+  -H 'x-amzn-iot-thingname: gateway-0042' -w '%{num_connects} %{time_total}\n' "${urls_idle[@]}" \
+  > "$WORK/curl-idle.txt" &
+CURL_IDLE=$!
 end=$((SECONDS + IDLE_S))
 while [ $SECONDS -lt $end ]; do
   sleep 2
@@ -285,6 +294,8 @@ while [ $SECONDS -lt $end ]; do
     prev_c=$c prev_s=$s
   fi
 done
+wait "$CURL_IDLE" || true
+awk 'NR>1 && $1==0 {print "warm_curl_idle", $2}' "$WORK/curl-idle.txt" >> "$RES"
 put "idle_wakeups_file $(( $(ctxsw "$A_PID") - A0 ))"
 put "idle_wakeups_hsm $(( $(ctxsw "$B_PID") - B0 ))"
 put "idle_seconds $IDLE_S"
