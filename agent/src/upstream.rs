@@ -575,6 +575,12 @@ fn tls_message(e: &io::Error, target: &str) -> String {
                 "the server certificate of {target} is not valid for that name: check `endpoint` (use the iot:CredentialProvider endpoint)"
             )
         }
+        Some(E::Other(other)) if other.0.downcast_ref::<crate::keys::KeyError>().is_some() => {
+            format!(
+                "TLS with {target} failed: the device key cannot sign: {}",
+                other.0
+            )
+        }
         Some(other) => format!("TLS with {target} failed: {other}"),
         None => format!("TLS with {target} failed: {e}"),
     }

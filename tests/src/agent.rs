@@ -21,39 +21,35 @@ use crate::provider::{BlockingProvider, ProviderConfig};
 /// Path of the `iotcred` binary, built on first use with the same profile as the tests.
 pub fn iotcred_bin() -> PathBuf {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        let exe = std::env::current_exe().expect("current_exe");
-        // target/<profile>/deps/<test> → target/<profile>
-        let profile_dir = exe
-            .parent()
-            .and_then(Path::parent)
-            .expect("test binary lives in target/<profile>/deps")
-            .to_path_buf();
-        let bin = profile_dir.join("iotcred");
-        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-        let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml");
-        let mut cmd = Command::new(cargo);
-        cmd.args([
-            "build",
-            "--quiet",
-            "-p",
-            "iotcred-agent",
-            "--bin",
-            "iotcred",
-            "--manifest-path",
-        ])
+    BIN.get_or_init(|| cargo_build(&["-p", "iotcred-agent", "--bin", "iotcred"], "iotcred"))
+        .clone()
+}
+
+/// Runs `cargo build --quiet <args>` for this workspace with the tests' profile and returns
+/// `target/<profile>/<artifact>`, which it must have produced.
+pub(crate) fn cargo_build(args: &[&str], artifact: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    // target/<profile>/deps/<test> → target/<profile>
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("test binary lives in target/<profile>/deps")
+        .to_path_buf();
+    let out = profile_dir.join(artifact);
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml");
+    let mut cmd = Command::new(cargo);
+    cmd.args(["build", "--quiet"])
+        .args(args)
+        .arg("--manifest-path")
         .arg(&manifest);
-        if profile_dir.file_name().is_some_and(|n| n == "release") {
-            cmd.arg("--release");
-        }
-        let status = cmd
-            .status()
-            .expect("running cargo build for the iotcred binary");
-        assert!(status.success(), "cargo build -p iotcred-agent failed");
-        assert!(bin.exists(), "{} missing after build", bin.display());
-        bin
-    })
-    .clone()
+    if profile_dir.file_name().is_some_and(|n| n == "release") {
+        cmd.arg("--release");
+    }
+    let status = cmd.status().expect("running cargo build");
+    assert!(status.success(), "cargo build {args:?} failed");
+    assert!(out.exists(), "{} missing after build", out.display());
+    out
 }
 
 /// Output of one `iotcred` command.

@@ -143,6 +143,18 @@ pub enum KeyError {
         /// The module.
         module: PathBuf,
     },
+    /// The token was found before and is gone now: removed, disconnected, its reader
+    /// unplugged. Transient: the key is found again once the token is back.
+    #[error(
+        "PKCS#11 token \"{token}\" is not present (removed or disconnected?): reconnect it; the key is used again as soon as the token is back (module {})",
+        module.display()
+    )]
+    TokenNotPresent {
+        /// The token label, as last found.
+        token: String,
+        /// The module.
+        module: PathBuf,
+    },
     /// Several tokens match the URI.
     #[error("{count} PKCS#11 tokens match {selector}: add token=, serial= or slot-id= to the URI")]
     AmbiguousToken {

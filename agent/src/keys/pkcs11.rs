@@ -276,8 +276,10 @@ impl fmt::Debug for Pkcs11Signer {
 impl Signer for Pkcs11Signer {
     fn sign(&self, message: &[u8]) -> Result<Vec<u8>, rustls::Error> {
         self.inner.sign(self.op, message).map_err(|e| {
-            tracing::warn!(error = %e, "PKCS#11 signing failed");
-            rustls::Error::General(e.to_string())
+            // The caller reports the failure (one line per failed exchange): it finds the
+            // `KeyError` itself in the TLS error.
+            tracing::debug!(error = %e, "PKCS#11 signing failed");
+            rustls::Error::Other(rustls::OtherError(Arc::new(e)))
         })
     }
 
@@ -754,13 +756,23 @@ impl Inner {
     /// Recovers from `error`: forgets the old session, reinitialises the module if needed,
     /// finds the token again (it may be in another slot after a replug), reopens and logs in.
     fn reopen(&self, state: &mut Option<Open>, error: &CkError) -> Result<(), KeyError> {
-        tracing::debug!(token = %self.token_label(), %error, "PKCS#11 session lost; reopening");
-        if let Some(old) = state.take() {
-            if session_is_gone(error) {
-                // Its handle is dead; closing it could close a newer session that reuses it.
-                std::mem::forget(old.session);
-            } else {
-                drop(old);
+        match state.take() {
+            Some(old) => {
+                tracing::debug!(
+                    token = %self.token_label(),
+                    %error,
+                    "PKCS#11 session lost; reopening"
+                );
+                if session_is_gone(error) {
+                    // Its handle is dead; closing it could close a newer session that reuses it.
+                    std::mem::forget(old.session);
+                } else {
+                    drop(old);
+                }
+            }
+            // Lost earlier, and reopening failed then (e.g. the token was not back yet).
+            None => {
+                tracing::debug!(token = %self.token_label(), "no PKCS#11 session; opening one")
             }
         }
         if matches!(error, CkError::Pkcs11(RvError::CryptokiNotInitialized, _)) {
@@ -769,7 +781,14 @@ impl Inner {
                 detail: e.to_string(),
             })?;
         }
-        let found = find_token(&self.ctx, &self.uri, &self.module)?;
+        let found = find_token(&self.ctx, &self.uri, &self.module).map_err(|e| match e {
+            // The token was there when the key was opened: it has been removed.
+            KeyError::NoToken { .. } => KeyError::TokenNotPresent {
+                token: self.token_label(),
+                module: self.module.clone(),
+            },
+            e => e,
+        })?;
         *lock(&self.token) = found;
         *state = Some(self.open_session()?);
         Ok(())

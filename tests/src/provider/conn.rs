@@ -34,6 +34,11 @@ pub(crate) fn server_config(config: &ProviderConfig) -> Result<ServerConfig, Err
         .with_single_cert(chain, key)
         .map_err(|e| Error::Tls(e.to_string()))?;
     tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+    if !config.resumption {
+        // No session cache, no tickets: every handshake is full (client signature included).
+        tls.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+        tls.send_tls13_tickets = 0;
+    }
     Ok(tls)
 }
 
@@ -103,7 +108,7 @@ pub(crate) async fn serve(shared: Arc<Shared>, acceptor: TlsAcceptor, tcp: TcpSt
                 return;
             }
         };
-        let keep_alive = req.keep_alive();
+        let keep_alive = req.keep_alive() && shared.keep_alive;
         let alias = alias_of(&req.path);
         let record = RequestRecord {
             seq: 0,

@@ -93,6 +93,14 @@ pub struct ProviderConfig {
     pub allow_missing_thing_name: bool,
     /// TLS versions offered. Default both.
     pub tls_versions: TlsVersions,
+    /// Whether connections are kept open between requests. When false every response carries
+    /// `Connection: close` and the connection is closed after it, so each exchange needs a new
+    /// TLS handshake. Default true.
+    pub keep_alive: bool,
+    /// Whether TLS sessions can be resumed (TLS 1.2 session ids, TLS 1.3 tickets). When false
+    /// every handshake is a full one, in which the client proves its key again (a signature).
+    /// Default true.
+    pub resumption: bool,
 }
 
 impl ProviderConfig {
@@ -112,6 +120,8 @@ impl ProviderConfig {
             ttl: Duration::from_secs(3600),
             allow_missing_thing_name: false,
             tls_versions: TlsVersions::Both,
+            keep_alive: true,
+            resumption: true,
         }
     }
 }
@@ -371,6 +381,7 @@ pub(crate) struct Shared {
     pub(crate) aliases: Vec<String>,
     pub(crate) ttl: Duration,
     pub(crate) allow_missing_thing_name: bool,
+    pub(crate) keep_alive: bool,
     state: Mutex<State>,
     stats: watch::Sender<Stats>,
 }
@@ -520,6 +531,7 @@ impl FakeProvider {
             aliases: config.aliases.clone(),
             ttl: config.ttl,
             allow_missing_thing_name: config.allow_missing_thing_name,
+            keep_alive: config.keep_alive,
             state: Mutex::new(State::default()),
             stats: watch::Sender::new(Stats::default()),
         });
