@@ -3,7 +3,7 @@
 # Usage: packaging/build-deb.sh TARGET
 #   TARGET: aarch64-unknown-linux-gnu (arm64) | armv7-unknown-linux-gnueabihf (armhf) |
 #           x86_64-unknown-linux-gnu (amd64)
-# Installs cargo-deb (`cargo install cargo-deb --locked`) when missing, builds the stripped
+# Installs cargo-deb 3.8.0 (`cargo install cargo-deb --version 3.8.0 --locked`) when missing, builds the stripped
 # binary with cross/build.sh, then runs `cargo deb --no-build --target TARGET` (cargo-deb maps
 # the Rust target to the Debian architecture and takes target/TARGET/release/iotcred).
 # Prints the .deb path as its last line of stdout.
@@ -21,9 +21,9 @@ cross_setup "$TARGET"
 cd "$ROOT"
 
 if ! cargo deb --version >/dev/null 2>&1; then
-  echo "build-deb: installing cargo-deb (cargo install cargo-deb --locked)" >&2
+  echo "build-deb: installing cargo-deb 3.8.0" >&2
   start=$(date +%s)
-  cargo install cargo-deb --locked >&2
+  cargo install cargo-deb --version 3.8.0 --locked >&2
   echo "build-deb: cargo-deb installed in $(( $(date +%s) - start ))s" >&2
 fi
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite: installs what it needs (tests/install-deps.sh), then runs every gate.
 # Usage: tests/run-all.sh            (what CI runs)
-#        SKIP_SLOW=1 tests/run-all.sh  (skip fuzz and cross builds)
+#        SKIP_SLOW=1 tests/run-all.sh  (skip fuzz, cross builds and the .deb)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TERM_COLOR=never
@@ -48,6 +48,11 @@ if [ -z "${SKIP_SLOW:-}" ]; then
   if [ -x cross/ci.sh ]; then
     step "cross builds and qemu smoke tests"
     cross/ci.sh
+  fi
+  if [ -x packaging/build-deb.sh ]; then
+    step "arm64 .deb: build (cargo-deb) and inspect"
+    deb=$(packaging/build-deb.sh aarch64-unknown-linux-gnu | tail -1)
+    packaging/check-deb.sh "$deb"
   fi
 fi
 step "all gates passed"
