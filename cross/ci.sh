@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Cross builds and end-to-end smoke tests of the ARM binaries under qemu-user (no Docker, no
 # foreign dpkg architectures):
-#   1. cross/build.sh for aarch64 and armv7; report stripped sizes (aarch64 goal 2 MiB)
+#   1. cross/build.sh for aarch64 (stable, and --min-size: nightly build-std) and armv7;
+#      report stripped sizes (aarch64 goal 2 MiB)
 #   2. a throwaway PKI (openssl) and the x86_64 fake-provider (cargo build)
 #   3. per ARM binary, under qemu: `iotcred fetch` (file key) -> JSON with AccessKeyId;
 #      `iotcred run` with a NOTIFY_SOCKET -> READY=1 and WATCHDOG=1, `iotcred get` over the
@@ -10,7 +11,9 @@
 #      the role token
 #   4. cargo test -p iotcred-core --target aarch64-unknown-linux-gnu (qemu as cargo runner)
 # Prints PASS/FAIL per check and a summary; exits 1 when anything failed.
-# Environment: CROSS_CI_TARGETS (default "aarch64-unknown-linux-gnu armv7-unknown-linux-gnueabihf"),
+# Environment: CROSS_CI_TARGETS (default "aarch64-unknown-linux-gnu
+#   aarch64-unknown-linux-gnu+min-size armv7-unknown-linux-gnueabihf"; "+min-size" builds with
+#   cross/build.sh --min-size),
 #   GOAL_AARCH64_BYTES (2 MiB, reported), MAX_AARCH64_BYTES (3 MiB, fails above),
 #   CROSS_CI_SKIP_CORE_TESTS=1, CROSS_BUILD_TIMEOUT (s, 2400), KEEP_WORK=1 (keep the scratch
 #   directory), CROSS_CI_NO_BUILD=1 (use already-built binaries; for iterating on this script).
@@ -21,7 +24,7 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
 
 T0=$(date +%s)
-TARGETS=${CROSS_CI_TARGETS:-"aarch64-unknown-linux-gnu armv7-unknown-linux-gnueabihf"}
+TARGETS=${CROSS_CI_TARGETS:-"aarch64-unknown-linux-gnu aarch64-unknown-linux-gnu+min-size armv7-unknown-linux-gnueabihf"}
 GOAL_AARCH64_BYTES=${GOAL_AARCH64_BYTES:-2097152}   # 2 MiB: the size goal (reported)
 MAX_AARCH64_BYTES=${MAX_AARCH64_BYTES:-3145728}     # 3 MiB: regression gate (fails)
 BUILD_TIMEOUT=${CROSS_BUILD_TIMEOUT:-2400}
@@ -79,31 +82,34 @@ fi
 
 # ---------------------------------------------------------------- 1. cross builds
 declare -A BIN
-for t in $TARGETS; do
-  step "build $t"
-  log=$WORK/build-$t.log
+for entry in $TARGETS; do
+  t=${entry%+min-size}
+  flags=(); sub=""
+  [ "$entry" != "$t" ] && { flags=(--min-size); sub=min-size/; }
+  step "build $entry"
+  log=$WORK/build-$entry.log
   if [ -n "${CROSS_CI_NO_BUILD:-}" ]; then
-    out=$TARGET_DIR/$t/release/iotcred; [ -x "$out" ] || out=""
+    out=$TARGET_DIR/$sub$t/release/iotcred; [ -x "$out" ] || out=""
   else
-    out=$(timeout "$BUILD_TIMEOUT" "$ROOT/cross/build.sh" "$t" 2>"$log") || out=""
+    out=$(timeout "$BUILD_TIMEOUT" "$ROOT/cross/build.sh" "${flags[@]}" "$t" 2>"$log") || out=""
   fi
   if [ -n "$out" ]; then
     bin=$(printf '%s\n' "$out" | tail -1)
-    BIN[$t]=$bin
+    BIN[$entry]=$bin
     size=$(stat -c %s "$bin")
     glibc=$(readelf -V --wide "$bin" | grep -o 'GLIBC_[0-9.]*' | sort -uV | tail -1)
-    pass "build $t: $bin ($size bytes, $(mib "$size"); $(file -b "$bin" | cut -d, -f1-2); needs $glibc)"
+    pass "build $entry: $bin ($size bytes, $(mib "$size"); $(file -b "$bin" | cut -d, -f1-2); needs $glibc)"
     if [ "$t" = aarch64-unknown-linux-gnu ]; then
       if [ "$size" -le "$GOAL_AARCH64_BYTES" ]; then
-        pass "size aarch64: $(mib "$size") <= goal $(mib "$GOAL_AARCH64_BYTES")"
+        pass "size $entry: $(mib "$size") <= goal $(mib "$GOAL_AARCH64_BYTES")"
       elif [ "$size" -le "$MAX_AARCH64_BYTES" ]; then
-        pass "size aarch64: $(mib "$size") <= limit $(mib "$MAX_AARCH64_BYTES") (WARNING: over the $(mib "$GOAL_AARCH64_BYTES") goal)"
+        pass "size $entry: $(mib "$size") <= limit $(mib "$MAX_AARCH64_BYTES") (WARNING: over the $(mib "$GOAL_AARCH64_BYTES") goal)"
       else
-        fail "size aarch64: $(mib "$size") > limit $(mib "$MAX_AARCH64_BYTES")"
+        fail "size $entry: $(mib "$size") > limit $(mib "$MAX_AARCH64_BYTES")"
       fi
     fi
   else
-    fail "build $t (see $log)"; show "$log" 25
+    fail "build $entry (see $log)"; show "$log" 25
   fi
 done
 
@@ -172,7 +178,8 @@ more_lines() { [ "$(grep -cx "$2" "$1")" -gt "$3" ]; }   # FILE LINE N: LINE occ
 
 # ---------------------------------------------------------------- 3. qemu smoke tests
 smoke() {
-  local t=$1 arch=${1%%-*} bin=${BIN[$1]:-}
+  local t=${1%+min-size} arch=${1%%-*} bin=${BIN[$1]:-}
+  [ "$1" != "$t" ] && arch=$arch-min-size
   step "qemu smoke test $arch"
   if [ -z "$bin" ]; then fail "$arch smoke: no binary (build failed)"; return; fi
   if [ -z "$PROVIDER_PORT" ]; then fail "$arch smoke: no fake provider"; return; fi

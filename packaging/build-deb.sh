@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Builds the Debian package of iotcred for one target from the cross-built binary.
-# Usage: packaging/build-deb.sh TARGET
+# Usage: packaging/build-deb.sh [--min-size] TARGET
+#   --min-size: package the smaller nightly build-std binary (cross/build.sh --min-size)
 #   TARGET: aarch64-unknown-linux-gnu (arm64) | armv7-unknown-linux-gnueabihf (armhf) |
 #           x86_64-unknown-linux-gnu (amd64)
 # Installs cargo-deb 3.8.0 (`cargo install cargo-deb --version 3.8.0 --locked`) when missing, builds the stripped
@@ -12,8 +13,10 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 # shellcheck source=cross/env.sh
 . "$ROOT/cross/env.sh"
 
+MIN_SIZE=()
+if [ "${1:-}" = --min-size ]; then MIN_SIZE=(--min-size); shift; fi
 if [ $# -ne 1 ] || [ "$1" = -h ] || [ "$1" = --help ]; then
-  sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//' >&2
+  sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//' >&2
   exit 2
 fi
 TARGET=$1
@@ -27,15 +30,18 @@ if ! cargo deb --version >/dev/null 2>&1; then
   echo "build-deb: cargo-deb installed in $(( $(date +%s) - start ))s" >&2
 fi
 
-bin=$("$ROOT/cross/build.sh" "$TARGET" | tail -1)
+bin=$("$ROOT/cross/build.sh" "${MIN_SIZE[@]}" "$TARGET" | tail -1)
 echo "build-deb: packaging $bin ($CROSS_DEB_ARCH)" >&2
 
 TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
 OUT=$TARGET_DIR/debian
+# cargo-deb takes the binary from $CARGO_TARGET_DIR/TARGET/release/.
+BUILD_DIR=$TARGET_DIR
+[ ${#MIN_SIZE[@]} -gt 0 ] && BUILD_DIR=$TARGET_DIR/min-size
 mkdir -p "$OUT"
 # --no-strip: cross/build.sh already stripped with the target's binutils (cargo-deb would
 # look for a host strip). --locked: same Cargo.lock as the build.
-out=$(cargo deb -p iotcred-agent --no-build --no-strip --locked --target "$TARGET" --output "$OUT" | tail -1)
+out=$(CARGO_TARGET_DIR=$BUILD_DIR cargo deb -p iotcred-agent --no-build --no-strip --locked --target "$TARGET" --output "$OUT" | tail -1)
 deb=$out
 case "$deb" in
   *.deb) ;;

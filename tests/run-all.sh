@@ -51,7 +51,7 @@ if [ -z "${SKIP_SLOW:-}" ]; then
   fi
   if [ -x packaging/build-deb.sh ]; then
     step "arm64 .deb: build (cargo-deb) and inspect"
-    deb=$(packaging/build-deb.sh aarch64-unknown-linux-gnu | tail -1)
+    deb=$(packaging/build-deb.sh --min-size aarch64-unknown-linux-gnu | tail -1)
     packaging/check-deb.sh "$deb"
   fi
 fi
