@@ -76,6 +76,41 @@ pub struct Env {
     extra_env: Vec<(String, String)>,
 }
 
+/// Every test that uses an [`Env`] gets the secret search, whether or not it asks for it: when
+/// the test has passed so far, dropping the `Env` searches every kept log, every agent log file
+/// in its directory (also of agents the test never stopped) for the issued secrets and the
+/// values of the role token files.
+impl Drop for Env {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            return;
+        }
+        let mut tokens = Vec::new();
+        if let Ok(dir) = std::fs::read_dir(self.runtime_dir()) {
+            for e in dir.flatten() {
+                let p = e.path();
+                if p.extension().is_some_and(|x| x == "token") {
+                    if let Ok(t) = std::fs::read_to_string(&p) {
+                        tokens.push(t.trim().to_string());
+                    }
+                }
+            }
+        }
+        if let Ok(dir) = std::fs::read_dir(self.path()) {
+            for e in dir.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if name.starts_with("agent-") && name.ends_with(".log") {
+                    if let Ok(text) = std::fs::read_to_string(e.path()) {
+                        self.keep_log(text);
+                    }
+                }
+            }
+        }
+        let tokens: Vec<&str> = tokens.iter().map(String::as_str).collect();
+        self.assert_no_secrets(&tokens);
+    }
+}
+
 /// Thing name used by [`Env`].
 pub const THING: &str = "gateway-0042";
 
