@@ -92,6 +92,14 @@ mkdir -p "$WORK/bin"
 cp "$BIN/iotcred" "$BIN/fake-provider" "$BIN/loadgen" "$WORK/bin/"
 BIN=$WORK/bin
 IOTCRED=$BIN/iotcred
+# The --min-size build (nightly build-std) of the same agent, for its idle footprint.
+IOTCRED_MIN=""
+if [ "$CROSS" = 1 ]; then
+  log "cross/build.sh --min-size x86_64-unknown-linux-gnu"
+  m=$("$ROOT/cross/build.sh" --min-size x86_64-unknown-linux-gnu 2> "$WORK/min-size.log" | tail -n1) || m=""
+  if [ -n "$m" ] && [ -x "$m" ]; then cp "$m" "$WORK/bin/iotcred-min"; IOTCRED_MIN=$WORK/bin/iotcred-min
+  else log "--min-size build failed (see $WORK/min-size.log)"; fi
+fi
 
 # ---------------------------------------------------------------- PKI, SoftHSM
 log "PKI and SoftHSM token in $WORK"
@@ -208,9 +216,9 @@ peak_rss() {
 }
 
 # The agent under test: no systemd (so no watchdog), logs to a file.
-start_agent() { # NAME CONFIG -> sets APID
+start_agent() { # NAME CONFIG [BINARY] -> sets APID
   env -u NOTIFY_SOCKET -u WATCHDOG_USEC -u WATCHDOG_PID -u LISTEN_PID -u LISTEN_FDS \
-    IOTCRED_LOG=info "$IOTCRED" run --config "$2" > /dev/null 2> "$WORK/agent-$1.log" &
+    IOTCRED_LOG=info "${3:-$IOTCRED}" run --config "$2" > /dev/null 2> "$WORK/agent-$1.log" &
   APID=$!
   PIDS+=($APID)
 }
@@ -271,6 +279,22 @@ for x in A:file B:hsm; do
   put "idle_rss_$n $(status_kib "${!pid_var}" VmRSS)"
   put "idle_hwm_$n $(status_kib "${!pid_var}" VmHWM)"
 done
+if [ -n "$IOTCRED_MIN" ]; then
+  # Same configuration and measurement with the --min-size binary, then stopped again so it
+  # takes no part in what follows.
+  M_PORT=$(free_port)
+  write_config "$C/agent-min.toml" "$MAIN_PORT" "$PKI/device.key" "$WORK/run-m" "$M_PORT"
+  start_agent min "$C/agent-min.toml" "$IOTCRED_MIN"; M_PID=$APID
+  if wait_healthy "$M_PORT" "$M_PID"; then
+    sleep 2
+    put "idle_rss_min $(status_kib "$M_PID" VmRSS)"
+    put "idle_hwm_min $(status_kib "$M_PID" VmHWM)"
+    put "size_x86_64_min $(stat -c %s "$IOTCRED_MIN")"
+  else
+    log "agent (--min-size) did not start: $(tail -n3 "$WORK/agent-min.log")"
+  fi
+  kill "$M_PID" 2>/dev/null; wait "$M_PID" 2>/dev/null || true
+fi
 A0=$(ctxsw "$A_PID"); B0=$(ctxsw "$B_PID")
 LSUM='iotcred_upstream_latency_seconds_sum{role="default"}'
 LCNT='iotcred_upstream_latency_seconds_count{role="default"}'

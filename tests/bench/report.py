@@ -170,6 +170,10 @@ mil_s = f"{mil:,.0f}" if mil else "?"
 ir, ih = num("idle_rss_file"), num("idle_hwm_file")
 row(S4, "iotcred agent idle, file key: VmRSS / VmHWM", f"{kib(ir)} / {kib(ih)}", "",
     "RSS ≤ 4 MiB", verdict(ir, 4096))
+im = num("idle_rss_min")
+row(S4, "iotcred agent idle, file key, --min-size build: VmRSS / VmHWM",
+    "n/a" if im is None else f"{kib(im)} / {kib(num('idle_hwm_min'))}", "",
+    "RSS ≤ 4 MiB", verdict(im, 4096))
 row(S4, "iotcred agent idle, SoftHSM key: VmRSS / VmHWM",
     f"{kib(num('idle_rss_hsm'))} / {kib(num('idle_hwm_hsm'))}", "")
 for n, label in (("file", "file key"), ("hsm", "SoftHSM key")):
@@ -189,6 +193,8 @@ row(S4, f"nginx after the serving runs: {len(nw)} worker(s) VmRSS each (median) 
     f"{kib(num('nginx_worker_rss'))} / {kib(num('nginx_master_rss'))}", "")
 sx, sa = num("size_x86_64"), num("size_aarch64")
 row(S4, "stripped binary, x86_64", "n/a" if sx is None else f"{sx / 1048576:.2f} MiB ({sx:,.0f} B)", "")
+sxm = num("size_x86_64_min")
+row(S4, "stripped binary, x86_64, --min-size", "n/a" if sxm is None else f"{sxm / 1048576:.2f} MiB ({sxm:,.0f} B)", "")
 row(S4, "stripped binary, aarch64 (stable, cross/build.sh)", "skipped/failed" if sa is None else f"{sa / 1048576:.2f} MiB ({sa:,.0f} B)",
     "", "≤ 2 MiB", verdict(sa, 2 * 1048576))
 sm = num("size_aarch64_min")
