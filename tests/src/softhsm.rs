@@ -149,6 +149,17 @@ impl SoftHsm {
         unsafe { std::env::set_var("SOFTHSM2_CONF", &self.conf) };
     }
 
+    /// A fresh SoftHSM with token `iotcred` (user PIN `pin`) holding the private key in the PEM
+    /// file `key_pem` as object `device`, CKA_ID 01: the setup of the end-to-end PKCS#11 tests.
+    pub fn with_device_key(key_pem: &Path, pin: &str, so_pin: &str) -> Result<Self, FixtureError> {
+        let hsm = SoftHsm::new()?;
+        hsm.init_token("iotcred", pin, so_pin)?;
+        let pem = std::fs::read_to_string(key_pem)
+            .map_err(|e| FixtureError(format!("read {}: {e}", key_pem.display())))?;
+        hsm.import_key("iotcred", &pem, "device", "01", pin)?;
+        Ok(hsm)
+    }
+
     /// Initialises a token in the first free slot.
     pub fn init_token(&self, label: &str, pin: &str, so_pin: &str) -> Result<(), FixtureError> {
         run(

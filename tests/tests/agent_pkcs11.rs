@@ -35,11 +35,7 @@ fn softhsm_with(env: &mut Env, rsa: bool) -> (SoftHsm, String) {
     } else {
         env.pki.device_ec.key.clone()
     };
-    let hsm = SoftHsm::new().expect("SoftHSM fixture");
-    hsm.init_token("iotcred", PIN, SO_PIN).unwrap();
-    let pem = std::fs::read_to_string(&key_pem).unwrap();
-    hsm.import_key("iotcred", &pem, "device", "01", PIN)
-        .unwrap();
+    let hsm = SoftHsm::with_device_key(&key_pem, PIN, SO_PIN).expect("SoftHSM fixture");
     let pin_file = hsm.write_pin_file("pin", PIN).unwrap();
     env.env("SOFTHSM2_CONF", &hsm.conf_path().display().to_string());
     let uri = hsm.uri("iotcred", "device", &pin_file);

@@ -104,11 +104,8 @@ fn run_waits_for_the_clock_then_starts() {
 }
 
 fn softhsm(env: &mut Env) -> SoftHsm {
-    let hsm = SoftHsm::new().expect("SoftHSM fixture");
-    hsm.init_token("iotcred", PIN, SO_PIN).unwrap();
-    let pem = std::fs::read_to_string(&env.pki.device_ec.key).unwrap();
-    hsm.import_key("iotcred", &pem, "device", "01", PIN)
-        .unwrap();
+    let hsm =
+        SoftHsm::with_device_key(&env.pki.device_ec.key, PIN, SO_PIN).expect("SoftHSM fixture");
     env.env("SOFTHSM2_CONF", &hsm.conf_path().display().to_string());
     hsm
 }

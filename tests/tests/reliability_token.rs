@@ -72,11 +72,8 @@ fn token_unplugged_while_running_fails_clearly_then_recovers() {
         c.keep_alive = false;
         c.resumption = false;
     });
-    let hsm = SoftHsm::new().expect("SoftHSM fixture");
-    hsm.init_token("iotcred", PIN, SO_PIN).unwrap();
-    let pem = std::fs::read_to_string(&env.pki.device_ec.key).unwrap();
-    hsm.import_key("iotcred", &pem, "device", "01", PIN)
-        .unwrap();
+    let hsm =
+        SoftHsm::with_device_key(&env.pki.device_ec.key, PIN, SO_PIN).expect("SoftHSM fixture");
     env.env("SOFTHSM2_CONF", &hsm.conf_path().display().to_string());
     let token = Unplug::new(hsm.dir()).expect("unplug module");
     for (k, v) in token.env() {
