@@ -28,24 +28,20 @@ cross_setup "$TARGET"
 
 cd "$ROOT"
 TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
+toolchain=(); extra=()
 if [ -n "$MIN_SIZE" ]; then
   rustup toolchain list | grep -q '^nightly' || rustup toolchain install nightly --profile minimal >&2
   rustup component list --toolchain nightly --installed | grep -q '^rust-src' ||
     rustup component add rust-src --toolchain nightly >&2
   TARGET_DIR=$TARGET_DIR/min-size
-  up=$(echo "$TARGET" | tr 'a-z-' 'A-Z_')
-  export "CARGO_TARGET_${up}_RUSTFLAGS=-Cforce-unwind-tables=no"
-  cross_log "cargo +nightly build --release -Zbuild-std --target $TARGET (linker $CROSS_CC)"
-  # shellcheck disable=SC2086
-  CARGO_TARGET_DIR=$TARGET_DIR cargo +nightly build --release --locked -p iotcred-agent \
-    --bin iotcred --target "$TARGET" -Zbuild-std=std,panic_abort \
-    -Zbuild-std-features=optimize_for_size ${CROSS_CARGO_FLAGS:-} >&2
-else
-  cross_log "cargo build --release --target $TARGET (linker $CROSS_CC)"
-  # shellcheck disable=SC2086
-  cargo build --release --locked -p iotcred-agent --bin iotcred --target "$TARGET" \
-    ${CROSS_CARGO_FLAGS:-} >&2
+  export "${CROSS_CARGO_ENV}_RUSTFLAGS=-Cforce-unwind-tables=no"
+  toolchain=(+nightly)
+  extra=(-Zbuild-std=std,panic_abort -Zbuild-std-features=optimize_for_size)
 fi
+cross_log "cargo ${toolchain[*]} build --release ${extra[*]} --target $TARGET (linker $CROSS_CC)"
+# shellcheck disable=SC2086
+CARGO_TARGET_DIR=$TARGET_DIR cargo "${toolchain[@]}" build --release --locked -p iotcred-agent \
+  --bin iotcred --target "$TARGET" "${extra[@]}" ${CROSS_CARGO_FLAGS:-} >&2
 
 BIN=$TARGET_DIR/$TARGET/release/iotcred
 [ -x "$BIN" ] || { echo "cross: $BIN was not produced" >&2; exit 1; }

@@ -32,6 +32,7 @@ cross_setup() {
   CROSS_TARGET=$t
   local up under
   up=$(echo "$t" | tr 'a-z-' 'A-Z_')       # CARGO_TARGET_<T>_* spelling
+  CROSS_CARGO_ENV=CARGO_TARGET_$up         # prefix of the target's cargo variables
   under=$(echo "$t" | tr '-' '_')          # cc crate spelling (CC_<target>)
   if [ "$t" = x86_64-unknown-linux-gnu ] && [ "$(uname -m)" = x86_64 ]; then
     CROSS_CC=cc; CROSS_AR=ar; CROSS_STRIP=strip; CROSS_SYSROOT=/
@@ -39,13 +40,13 @@ cross_setup() {
     CROSS_CC=$CROSS_GNU-gcc; CROSS_AR=$CROSS_GNU-ar; CROSS_STRIP=$CROSS_GNU-strip
     CROSS_SYSROOT=/usr/$CROSS_GNU
   fi
-  export "CARGO_TARGET_${up}_LINKER=$CROSS_CC"
+  export "${CROSS_CARGO_ENV}_LINKER=$CROSS_CC"
   export "CC_${under}=$CROSS_CC" "AR_${under}=$CROSS_AR"
   if [ -n "$CROSS_QEMU" ]; then
     # -L: the cross glibc from libc6-*-cross. Never add a foreign dpkg architecture next to it
     # (two glibcs mix and thread spawns hang under qemu).
     CROSS_RUN="$CROSS_QEMU -L $CROSS_SYSROOT"
-    export "CARGO_TARGET_${up}_RUNNER=$CROSS_RUN"
+    export "${CROSS_CARGO_ENV}_RUNNER=$CROSS_RUN"
   else
     CROSS_RUN=""
   fi

@@ -33,8 +33,6 @@ rustup component list --installed | grep -q '^rustfmt' || rustup component add r
 if [ -z "${SKIP_SLOW:-}" ]; then
   rustup toolchain list | grep -q '^nightly' || rustup toolchain install nightly --profile minimal
   cargo +nightly fuzz --version >/dev/null 2>&1 || cargo install cargo-fuzz --version 0.13.2 --locked --quiet
-  # The arm64 .deb (packaging/build-deb.sh).
-  cargo deb --version >/dev/null 2>&1 || cargo install cargo-deb --version 3.8.0 --locked --quiet
 fi
 
 # Consumers: real AWS SDKs, installed from their registries into a project-local directory.
