@@ -48,6 +48,13 @@ fn case(apply: Apply, expect: &'static str) -> Case {
     Case { apply, expect }
 }
 
+impl Case {
+    /// Whether `text` contains the expected substring (or one of its alternatives).
+    fn matches(&self, text: &str) -> bool {
+        self.expect.split('|').any(|e| text.contains(e))
+    }
+}
+
 fn slow_headers() -> Fault {
     Fault::SlowHeaders {
         delay: Duration::from_secs(4),
@@ -233,7 +240,7 @@ fn run_matrix(cases: Vec<Case>, forwarded: bool) -> String {
         );
         let err = last_error(&socket);
         assert!(
-            c.expect.split('|').any(|e| err.contains(e)),
+            c.matches(&err),
             "{:?}: last_error {err:?} does not contain {:?}",
             c.apply,
             c.expect
@@ -322,9 +329,7 @@ fn run_matrix(cases: Vec<Case>, forwarded: bool) -> String {
     );
     for c in &cases {
         assert!(
-            lines
-                .iter()
-                .any(|l| c.expect.split('|').any(|e| l.contains(e))),
+            lines.iter().any(|l| c.matches(l)),
             "no log line for {:?}",
             c.apply
         );
