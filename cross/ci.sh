@@ -308,7 +308,14 @@ if [ -z "${CROSS_CI_SKIP_CORE_TESTS:-}" ]; then
     >"$WORK/core-tests.log" 2>&1
   rc=$?
   summary=$(grep -E '^test result:' "$WORK/core-tests.log" | awk '{p+=$4; f+=$6} END{printf "%d passed, %d failed in %d suites", p, f, NR}')
-  if [ "$rc" -eq 0 ]; then pass "iotcred-core tests on aarch64 under qemu: $summary"; else fail "iotcred-core tests on aarch64 (exit $rc): $summary"; show "$WORK/core-tests.log" 30; fi
+  if [ "$rc" -eq 0 ]; then
+    pass "iotcred-core tests on aarch64 under qemu: $summary"
+  else
+    fail "iotcred-core tests on aarch64 (exit $rc): $summary"
+    # The first failure's message and minimal input, then the tail with the test names.
+    grep -m1 -A25 -E '^Test failed|panicked at' "$WORK/core-tests.log" | sed 's/^/    | /'
+    grep -E '^    [a-z_:]+$|^failures:' "$WORK/core-tests.log" | sed 's/^/    | /'
+  fi
 fi
 
 # ---------------------------------------------------------------- summary
