@@ -73,29 +73,22 @@ pub struct Env {
     /// Running fake provider.
     pub provider: BlockingProvider,
     logs: Mutex<Vec<String>>,
+    /// Values of the role token files seen so far (a restart replaces the files, a reload
+    /// removes those of dropped roles).
+    role_tokens: Mutex<Vec<String>>,
     extra_env: Vec<(String, String)>,
 }
 
 /// Every test that uses an [`Env`] gets the secret search, whether or not it asks for it: when
 /// the test has passed so far, dropping the `Env` searches every kept log, every agent log file
 /// in its directory (also of agents the test never stopped) for the issued secrets and the
-/// values of the role token files.
+/// values of the role token files (those still on disk, and those [`Agent::stop`] saw).
 impl Drop for Env {
     fn drop(&mut self) {
         if std::thread::panicking() {
             return;
         }
-        let mut tokens = Vec::new();
-        if let Ok(dir) = std::fs::read_dir(self.runtime_dir()) {
-            for e in dir.flatten() {
-                let p = e.path();
-                if p.extension().is_some_and(|x| x == "token") {
-                    if let Ok(t) = std::fs::read_to_string(&p) {
-                        tokens.push(t.trim().to_string());
-                    }
-                }
-            }
-        }
+        self.remember_role_tokens();
         if let Ok(dir) = std::fs::read_dir(self.path()) {
             for e in dir.flatten() {
                 let name = e.file_name().to_string_lossy().into_owned();
@@ -106,8 +99,7 @@ impl Drop for Env {
                 }
             }
         }
-        let tokens: Vec<&str> = tokens.iter().map(String::as_str).collect();
-        self.assert_no_secrets(&tokens);
+        self.assert_no_secrets(&[]);
     }
 }
 
@@ -132,6 +124,7 @@ impl Env {
             pki,
             provider,
             logs: Mutex::new(Vec::new()),
+            role_tokens: Mutex::new(Vec::new()),
             extra_env: Vec::new(),
         }
     }
@@ -282,12 +275,39 @@ impl Env {
         self.logs.lock().unwrap().clone()
     }
 
-    /// Asserts that no secret the provider issued (secret key, session token), nor any of
-    /// `extra` (PINs, tokens), appears in any kept log or output, except in `allowed` texts
-    /// (outputs whose job is to print credentials are not kept).
+    /// Adds the values of the role token files now in the runtime directory to the secrets
+    /// that [`Env::assert_no_secrets`] searches for.
+    pub fn remember_role_tokens(&self) {
+        let Ok(dir) = std::fs::read_dir(self.runtime_dir()) else {
+            return;
+        };
+        let mut known = self.role_tokens.lock().unwrap();
+        for e in dir.flatten() {
+            let p = e.path();
+            if p.extension().is_some_and(|x| x == "token") {
+                if let Ok(t) = std::fs::read_to_string(&p) {
+                    let t = t.trim().to_string();
+                    if !known.contains(&t) {
+                        known.push(t);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Asserts that no secret the provider issued (secret key, session token), no role token
+    /// value seen so far (see [`Env::remember_role_tokens`]), nor any of `extra` (PINs, tokens),
+    /// appears in any kept log or output (outputs whose job is to print credentials are not
+    /// kept).
     pub fn assert_no_secrets(&self, extra: &[&str]) {
         let issued = self.provider.issued();
         let logs = self.logs();
+        let role_tokens = self.role_tokens.lock().unwrap().clone();
+        let secrets: Vec<&str> = extra
+            .iter()
+            .copied()
+            .chain(role_tokens.iter().map(String::as_str))
+            .collect();
         for (i, log) in logs.iter().enumerate() {
             for c in &issued {
                 assert!(
@@ -299,7 +319,7 @@ impl Env {
                     "log {i} contains a session token:\n{log}"
                 );
             }
-            for s in extra {
+            for s in &secrets {
                 assert!(
                     s.is_empty() || !log.contains(s),
                     "log {i} contains a secret {s:?}"
@@ -410,6 +430,8 @@ impl Agent {
 
     /// SIGTERM, wait (bounded), and return (exit code, log). The log is also kept in `env`.
     pub fn stop(mut self, env: &Env) -> (Option<i32>, String) {
+        // The next start replaces the token files: remember these for the secret search.
+        env.remember_role_tokens();
         self.signal(libc::SIGTERM);
         let code = self
             .child
