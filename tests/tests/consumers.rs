@@ -248,6 +248,9 @@ fn two_roles_side_by_side_each_with_its_own_token() {
 fn sdks_pick_up_refreshed_credentials() {
     // 66 s credentials refreshed at 33 s; both SDKs see < 15 min left and ask again each time.
     let env = Env::with_provider(|c| c.ttl = Duration::from_secs(66));
+    // Build the Rust SDK consumer before the 66 s credentials exist: when it is not built yet
+    // (a bare `cargo nextest run`), building it takes longer than the 33 s to the refresh.
+    rust_sdk_bin();
     let port = free_port();
     let agent = start(
         &env,
