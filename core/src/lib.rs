@@ -17,6 +17,7 @@ pub mod render;
 pub mod request;
 pub mod schedule;
 pub mod secret;
+pub mod sigv4;
 pub mod time;
 
 #[cfg(feature = "async")]
