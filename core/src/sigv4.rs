@@ -50,9 +50,9 @@
 //!   `A-Z a-z 0-9 - _ . ~` left as they are, then sorted by name and value; empty pairs are
 //!   dropped;
 //! - header names are lowercased, values trimmed of spaces at both ends with runs of spaces
-//!   made one; repeated headers are joined with `,` in the order given. `User-Agent`,
-//!   `X-Amzn-Trace-Id`, `Transfer-Encoding` and `Expect` are sent but not signed (proxies and
-//!   clients change them); a `Host` header is required.
+//!   made one; repeated headers are joined with `,` in the order given. Hop-by-hop headers,
+//!   `User-Agent` and tracing headers ([`UNSIGNED_HEADERS`]) are sent but not signed (proxies
+//!   and clients change them); a `Host` header is required.
 //!
 //! Secrets: the signing key and intermediate buffers holding the session token are zeroized;
 //! no `Debug` output of this module prints a secret access key or session token.
@@ -74,13 +74,23 @@ pub const ALGORITHM: &str = "AWS4-HMAC-SHA256";
 /// The payload hash of a request whose body is not signed ([`Payload::Unsigned`]).
 pub const UNSIGNED_PAYLOAD: &str = "UNSIGNED-PAYLOAD";
 
-/// Headers that are sent but never signed: they are set or changed on the way by clients and
-/// proxies.
-pub const UNSIGNED_HEADERS: [&str; 4] = [
+/// Headers that are sent but never signed: hop-by-hop headers, and headers that clients,
+/// proxies and tracing set or change on the way (the union of what AWS's SDKs leave out).
+pub const UNSIGNED_HEADERS: [&str; 14] = [
+    "baggage",
+    "connection",
+    "expect",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "traceparent",
+    "tracestate",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
     "user-agent",
     "x-amzn-trace-id",
-    "transfer-encoding",
-    "expect",
 ];
 
 /// Credentials to sign with. `Debug` prints only the access key id.
