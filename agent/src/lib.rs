@@ -8,6 +8,7 @@ pub mod cert;
 pub mod client;
 pub mod commands;
 pub mod config;
+pub mod connect;
 pub mod daemon;
 pub mod keys;
 pub mod metrics;

@@ -1,8 +1,8 @@
-//! The upstream exchange over mutual TLS: connection (direct or through an HTTP CONNECT proxy),
-//! TLS, and core's request/response code driven over the TLS stream.
+//! The upstream exchange over mutual TLS: core's request/response code driven over a connection
+//! from [`connect`](crate::connect) (direct or through an HTTP CONNECT proxy, kept alive).
 
 use std::io;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use embedded_io_adapters::tokio_1::FromTokio;
@@ -12,14 +12,11 @@ use iotcred_core::{
 };
 use iotcred_core::{FetchError, HttpError};
 use rustls::ClientConfig;
-use rustls_pki_types::ServerName;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::time::Instant;
-use tokio_rustls::TlsConnector;
-use tokio_rustls::client::TlsStream;
 
 use crate::config::{Config, Endpoint};
+use crate::connect::{Conn, ConnectError, Connector, closed_by_peer, tls_cause};
+pub use crate::connect::{Proxy, no_proxy_matches};
 
 /// Why an exchange failed. `Display` is one line that says what is wrong and what to do; it
 /// never contains a secret.
@@ -122,6 +119,19 @@ impl UpstreamError {
     }
 }
 
+impl From<ConnectError> for UpstreamError {
+    fn from(e: ConnectError) -> Self {
+        match e {
+            ConnectError::Resolve { host, source } => UpstreamError::Resolve { host, source },
+            ConnectError::Connect { target, source } => UpstreamError::Connect { target, source },
+            ConnectError::Proxy { proxy, message } => UpstreamError::Proxy { proxy, message },
+            ConnectError::Tls { target, source } => {
+                UpstreamError::Tls(tls_message(&source, &target))
+            }
+        }
+    }
+}
+
 /// What one role asks for.
 #[derive(Clone, Debug)]
 pub struct RoleRequest {
@@ -144,133 +154,35 @@ pub struct Fetched {
     pub latency: Duration,
 }
 
-/// An HTTP CONNECT proxy.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Proxy {
-    /// Proxy host.
-    pub host: String,
-    /// Proxy port.
-    pub port: u16,
-}
-
-impl Proxy {
-    /// Parses `http://host[:port][/]`. Only plain-HTTP CONNECT proxies are supported.
-    pub fn parse(url: &str) -> Result<Proxy, String> {
-        let rest = match url.split_once("://") {
-            Some(("http", rest)) => rest,
-            Some((scheme, _)) => {
-                return Err(format!(
-                    "scheme {scheme:?} is not supported: use an http:// CONNECT proxy"
-                ));
-            }
-            None => url,
-        };
-        let rest = rest.trim_end_matches('/');
-        if rest.contains('@') {
-            return Err("credentials in the proxy URL are not supported".into());
-        }
-        if rest.contains('/') {
-            return Err(format!("{url:?}: give http://host:port"));
-        }
-        let ep = crate::config::parse_endpoint(rest)
-            .map_err(|_| format!("{url:?}: give http://host:port"))?;
-        let port = if rest.ends_with(']') || !rest.contains(':') {
-            3128
-        } else {
-            ep.port
-        };
-        Ok(Proxy {
-            host: ep.host,
-            port,
-        })
-    }
-
-    /// The proxy for `host` from `HTTPS_PROXY`/`https_proxy`, honouring `NO_PROXY`/`no_proxy`.
-    pub fn from_env(host: &str) -> Option<Proxy> {
-        let var = |names: &[&str]| {
-            names
-                .iter()
-                .find_map(|n| std::env::var(n).ok().filter(|v| !v.is_empty()))
-        };
-        let url = var(&["HTTPS_PROXY", "https_proxy"])?;
-        if let Some(no) = var(&["NO_PROXY", "no_proxy"]) {
-            if no_proxy_matches(&no, host) {
-                return None;
-            }
-        }
-        match Proxy::parse(&url) {
-            Ok(p) => Some(p),
-            Err(e) => {
-                tracing::warn!("ignoring HTTPS_PROXY: {e}");
-                None
-            }
-        }
-    }
-}
-
-/// `NO_PROXY` matching: `*`, exact host, or domain suffix (`.example.com` or `example.com`).
-pub fn no_proxy_matches(list: &str, host: &str) -> bool {
-    let host = host.to_ascii_lowercase();
-    list.split(',')
-        .map(|e| e.trim().to_ascii_lowercase())
-        .any(|e| {
-            if e.is_empty() {
-                return false;
-            }
-            if e == "*" {
-                return true;
-            }
-            let e = e
-                .split(':')
-                .next()
-                .unwrap_or("")
-                .trim_start_matches("*.")
-                .trim_start_matches('.');
-            host == e || host.ends_with(&format!(".{e}"))
-        })
-}
-
 /// The upstream: endpoint, TLS configuration, and one idle connection kept for reuse.
 pub struct Upstream {
     endpoint: Endpoint,
-    server_name: ServerName<'static>,
     thing_name: Option<ThingName>,
-    connector: TlsConnector,
-    proxy: Option<Proxy>,
+    conn: Connector,
     timeout: Duration,
-    idle: Mutex<Option<TlsStream<TcpStream>>>,
 }
 
 impl Upstream {
     /// Builds the upstream for `config` with a loaded TLS configuration.
     pub fn new(config: &Config, client_config: Arc<ClientConfig>) -> Result<Upstream, String> {
-        let server_name = ServerName::try_from(config.endpoint.host.clone()).map_err(|_| {
-            format!(
-                "endpoint host {:?} is not a valid DNS name or IP address",
-                config.endpoint.host
-            )
-        })?;
-        let proxy = match &config.proxy {
-            Some(url) => Some(Proxy::parse(url)?),
-            None => Proxy::from_env(&config.endpoint.host),
-        };
+        let proxy = Proxy::resolve(config.proxy.as_deref(), &config.endpoint.host)?;
+        let conn = Connector::new(
+            &config.endpoint.host,
+            config.endpoint.port,
+            client_config,
+            proxy,
+        )
+        .map_err(|e| format!("endpoint host {e}"))?;
         Ok(Upstream {
             endpoint: config.endpoint.clone(),
-            server_name,
             thing_name: config.thing_name.clone(),
-            connector: TlsConnector::from(client_config),
-            proxy,
+            conn,
             timeout: config.timeout,
-            idle: Mutex::new(None),
         })
     }
 
     fn target(&self) -> String {
-        if self.endpoint.host.contains(':') {
-            format!("[{}]:{}", self.endpoint.host, self.endpoint.port)
-        } else {
-            format!("{}:{}", self.endpoint.host, self.endpoint.port)
-        }
+        self.conn.target()
     }
 
     /// One exchange: reuse the idle connection if there is one (falling back to a new
@@ -278,7 +190,7 @@ impl Upstream {
     pub async fn fetch(&self, role: &RoleRequest) -> Result<Fetched, UpstreamError> {
         let start = Instant::now();
         let deadline = start + self.timeout;
-        let reused = self.idle.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let reused = self.conn.take_idle();
         if let Some(conn) = reused {
             match self.exchange(conn, role, deadline, true).await {
                 Err(ExchangeFailure::StaleConnection) => {}
@@ -300,7 +212,7 @@ impl Upstream {
 
     /// Drops the idle connection (after a connection or TLS error, or on reload).
     pub fn reset(&self) {
-        self.idle.lock().unwrap_or_else(|e| e.into_inner()).take();
+        self.conn.reset();
     }
 
     fn timeout_error(&self) -> UpstreamError {
@@ -323,30 +235,13 @@ impl Upstream {
         }
     }
 
-    async fn connect(&self) -> Result<TlsStream<TcpStream>, UpstreamError> {
-        let tcp = match &self.proxy {
-            None => tcp_connect(&self.endpoint.host, self.endpoint.port).await?,
-            Some(p) => {
-                let mut s =
-                    tcp_connect(&p.host, p.port)
-                        .await
-                        .map_err(|e| UpstreamError::Proxy {
-                            proxy: format!("{}:{}", p.host, p.port),
-                            message: e.to_string(),
-                        })?;
-                proxy_connect(&mut s, p, &self.target()).await?;
-                s
-            }
-        };
-        self.connector
-            .connect(self.server_name.clone(), tcp)
-            .await
-            .map_err(|e| UpstreamError::Tls(tls_message(&e, &self.target())))
+    async fn connect(&self) -> Result<Conn, UpstreamError> {
+        self.conn.connect().await.map_err(UpstreamError::from)
     }
 
     async fn exchange(
         &self,
-        conn: TlsStream<TcpStream>,
+        conn: Conn,
         role: &RoleRequest,
         deadline: Instant,
         reused: bool,
@@ -392,14 +287,7 @@ impl Upstream {
                 }));
             }
             Ok(Err(FetchError::Io(e))) => {
-                if reused
-                    && matches!(
-                        e.kind(),
-                        io::ErrorKind::UnexpectedEof
-                            | io::ErrorKind::ConnectionReset
-                            | io::ErrorKind::BrokenPipe
-                    )
-                {
+                if reused && closed_by_peer(&e) {
                     return Err(ExchangeFailure::StaleConnection);
                 }
                 if tls_cause(&e).is_some() {
@@ -421,7 +309,7 @@ impl Upstream {
             }
         };
         if response.keep_alive {
-            *self.idle.lock().unwrap_or_else(|e| e.into_inner()) = Some(stream.into_inner());
+            self.conn.keep_idle(stream.into_inner());
         }
         match parse_response(&response, wall_now) {
             Ok(issued) if issued.lifetime < iotcred_core::MIN_REMAINING => {
@@ -450,7 +338,7 @@ impl std::fmt::Debug for Upstream {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Upstream")
             .field("endpoint", &self.endpoint)
-            .field("proxy", &self.proxy)
+            .field("proxy", &self.conn.proxy())
             .field("timeout", &self.timeout)
             .finish_non_exhaustive()
     }
@@ -467,80 +355,6 @@ impl Fetched {
         self.latency = self.arrived.saturating_duration_since(start);
         self
     }
-}
-
-async fn tcp_connect(host: &str, port: u16) -> Result<TcpStream, UpstreamError> {
-    let target = if host.contains(':') {
-        format!("[{host}]:{port}")
-    } else {
-        format!("{host}:{port}")
-    };
-    let addrs: Vec<_> = tokio::net::lookup_host((host, port))
-        .await
-        .map_err(|source| UpstreamError::Resolve {
-            host: host.to_string(),
-            source,
-        })?
-        .collect();
-    let mut last = io::Error::new(io::ErrorKind::NotFound, "no address");
-    for addr in addrs {
-        match TcpStream::connect(addr).await {
-            Ok(s) => {
-                let _ = s.set_nodelay(true);
-                return Ok(s);
-            }
-            Err(e) => last = e,
-        }
-    }
-    Err(UpstreamError::Connect {
-        target,
-        source: last,
-    })
-}
-
-async fn proxy_connect(
-    s: &mut TcpStream,
-    proxy: &Proxy,
-    target: &str,
-) -> Result<(), UpstreamError> {
-    let perr = |message: String| UpstreamError::Proxy {
-        proxy: format!("{}:{}", proxy.host, proxy.port),
-        message,
-    };
-    let req = format!(
-        "CONNECT {target} HTTP/1.1\r\nHost: {target}\r\nUser-Agent: {}\r\n\r\n",
-        crate::USER_AGENT
-    );
-    s.write_all(req.as_bytes())
-        .await
-        .map_err(|e| perr(e.to_string()))?;
-    // Read the response head byte by byte so no TLS byte is consumed (a CONNECT 2xx has no body).
-    let mut head = Vec::with_capacity(256);
-    while !head.ends_with(b"\r\n\r\n") {
-        if head.len() >= 8192 {
-            return Err(perr("response header too large".into()));
-        }
-        let b = s
-            .read_u8()
-            .await
-            .map_err(|e| perr(format!("closed during CONNECT: {e}")))?;
-        head.push(b);
-    }
-    let mut headers = [httparse::EMPTY_HEADER; 32];
-    let mut resp = httparse::Response::new(&mut headers);
-    match resp.parse(&head) {
-        Ok(httparse::Status::Complete(_)) => match resp.code {
-            Some(c) if (200..300).contains(&c) => Ok(()),
-            Some(c) => Err(perr(format!("CONNECT refused with status {c}"))),
-            None => Err(perr("malformed response".into())),
-        },
-        _ => Err(perr("malformed response to CONNECT".into())),
-    }
-}
-
-fn tls_cause(e: &io::Error) -> Option<&rustls::Error> {
-    e.get_ref()
-        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
 }
 
 /// One line for a TLS failure, naming the likely fix.
@@ -615,38 +429,5 @@ pub fn explain(error: &ExchangeError, thing: Option<&ThingName>, alias: &RoleAli
             format!("the credentials provider failed ({s}){provider_msg}: will retry with backoff")
         }
         _ => format!("the credentials provider's answer is unusable: {error}"),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn proxy_urls() {
-        assert_eq!(
-            Proxy::parse("http://p.local:3128").unwrap(),
-            Proxy {
-                host: "p.local".into(),
-                port: 3128
-            }
-        );
-        assert_eq!(Proxy::parse("http://p.local/").unwrap().port, 3128);
-        assert_eq!(Proxy::parse("p:8080").unwrap().port, 8080);
-        assert!(Proxy::parse("https://p:1").is_err());
-        assert!(Proxy::parse("http://u:pw@p:1").is_err());
-    }
-
-    #[test]
-    fn no_proxy() {
-        assert!(no_proxy_matches("*", "x.y"));
-        assert!(no_proxy_matches(
-            "a.com, .amazonaws.com",
-            "c2.credentials.iot.eu-west-1.amazonaws.com"
-        ));
-        assert!(no_proxy_matches("amazonaws.com", "x.amazonaws.com"));
-        assert!(no_proxy_matches("localhost,127.0.0.1", "127.0.0.1"));
-        assert!(!no_proxy_matches("amazonaws.com", "notamazonaws.com"));
-        assert!(!no_proxy_matches("", "x"));
     }
 }
