@@ -239,12 +239,13 @@ impl Connector {
         let tcp = match &self.proxy {
             None => tcp_connect(&self.host, self.port).await?,
             Some(p) => {
-                let mut s = tcp_connect(&p.host, p.port)
-                    .await
-                    .map_err(|e| ConnectError::Proxy {
-                        proxy: p.target(),
-                        message: e.to_string(),
-                    })?;
+                let mut s =
+                    tcp_connect(&p.host, p.port)
+                        .await
+                        .map_err(|e| ConnectError::Proxy {
+                            proxy: p.target(),
+                            message: e.to_string(),
+                        })?;
                 proxy_connect(&mut s, p, &self.target()).await?;
                 s
             }
@@ -307,11 +308,7 @@ async fn tcp_connect(host: &str, port: u16) -> Result<TcpStream, ConnectError> {
     })
 }
 
-async fn proxy_connect(
-    s: &mut TcpStream,
-    proxy: &Proxy,
-    target: &str,
-) -> Result<(), ConnectError> {
+async fn proxy_connect(s: &mut TcpStream, proxy: &Proxy, target: &str) -> Result<(), ConnectError> {
     let perr = |message: String| ConnectError::Proxy {
         proxy: proxy.target(),
         message,

@@ -17,6 +17,7 @@ pub mod sdnotify;
 pub mod server;
 pub mod sinks;
 pub mod state;
+pub mod sts;
 pub mod tls;
 pub mod upstream;
 

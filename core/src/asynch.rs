@@ -32,8 +32,18 @@ pub async fn round_trip<S: Read + Write>(
     request: &Request<'_>,
     limits: Limits,
 ) -> Result<Response, FetchError<S::Error>> {
-    let bytes = request.to_bytes();
-    let mut rest = bytes.as_slice();
+    round_trip_bytes(stream, &request.to_bytes(), limits).await
+}
+
+/// Writes `request`, a complete HTTP/1.1 request of the caller's making (e.g. a SigV4-signed
+/// call to another AWS API, see [`sigv4`](crate::sigv4)), and reads one response with the same
+/// parser and limits as the credentials exchange, without interpreting its status.
+pub async fn round_trip_bytes<S: Read + Write>(
+    stream: &mut S,
+    request: &[u8],
+    limits: Limits,
+) -> Result<Response, FetchError<S::Error>> {
+    let mut rest = request;
     while !rest.is_empty() {
         match stream.write(rest).await {
             Ok(0) => return Err(FetchError::WriteZero),
