@@ -41,6 +41,14 @@ mkdir -p "$DEPS"
 if [ ! -d "$DEPS/py/botocore" ]; then
   python3 -m pip install --quiet --disable-pip-version-check --target "$DEPS/py" botocore
 fi
+# moto's STS in server mode, a real independent implementation of the STS XML API (chained-role
+# tests). Its own directory: moto pins its own boto3/botocore, which must not replace the
+# botocore the consumer tests use. Only the server's extras (flask, flask-cors) are needed for
+# STS, not the 300 MB of moto[server]'s other services.
+if [ ! -d "$DEPS/moto/moto" ]; then
+  python3 -m pip install --quiet --disable-pip-version-check --target "$DEPS/moto" \
+    'moto==5.2.1' flask flask-cors
+fi
 if [ ! -d "$DEPS/node/node_modules/@aws-sdk/credential-providers" ]; then
   mkdir -p "$DEPS/node"
   (cd "$DEPS/node" && [ -f package.json ] || echo '{"private":true}' > package.json

@@ -10,6 +10,8 @@
 //! - [`provider`]: [`FakeProvider`] (tokio) and [`BlockingProvider`] (own runtime, for plain
 //!   `#[test]` functions).
 //! - [`timefmt`]: RFC 3339 / calendar helpers without a date crate.
+//! - [`sts`]: STS servers for chained roles (a signature-verifying fake, moto) and a CONNECT
+//!   proxy.
 //!
 //! The `fake-provider` binary wraps the same server with a loopback admin listener.
 
@@ -19,6 +21,7 @@ pub mod p11unplug;
 pub mod pki;
 pub mod provider;
 pub mod softhsm;
+pub mod sts;
 pub mod timefmt;
 pub mod tpm;
 

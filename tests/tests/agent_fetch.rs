@@ -385,63 +385,22 @@ fn check_and_check_fetch() {
     assert_eq!(out.code, 3, "{}", out.stderr);
 }
 
-/// A minimal HTTP CONNECT proxy on loopback: records each CONNECT target, then tunnels bytes.
-fn start_connect_proxy() -> (u16, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
-    use std::io::{BufRead, BufReader, Write};
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-    let seen2 = seen.clone();
-    std::thread::spawn(move || {
-        for client in listener.incoming() {
-            let Ok(client) = client else { return };
-            let seen = seen2.clone();
-            std::thread::spawn(move || {
-                let mut reader = BufReader::new(client.try_clone().unwrap());
-                let mut line = String::new();
-                reader.read_line(&mut line).unwrap();
-                let target = line.split_whitespace().nth(1).unwrap_or("").to_string();
-                loop {
-                    let mut h = String::new();
-                    if reader.read_line(&mut h).unwrap() <= 2 {
-                        break;
-                    }
-                }
-                seen.lock().unwrap().push(line.trim().to_string());
-                let upstream =
-                    std::net::TcpStream::connect(target.replace("localhost", "127.0.0.1")).unwrap();
-                let mut c = client;
-                c.write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
-                    .unwrap();
-                let (mut c2, mut u2) = (c.try_clone().unwrap(), upstream.try_clone().unwrap());
-                let mut upstream = upstream;
-                let t = std::thread::spawn(move || {
-                    let _ = std::io::copy(&mut u2, &mut c2);
-                    let _ = c2.shutdown(std::net::Shutdown::Write);
-                });
-                let _ = std::io::copy(&mut reader, &mut upstream);
-                let _ = upstream.shutdown(std::net::Shutdown::Write);
-                let _ = t.join();
-            });
-        }
-    });
-    (port, seen)
-}
-
 #[test]
 fn fetch_through_connect_proxy() {
     let env = Env::new();
-    let (port, seen) = start_connect_proxy();
+    let proxy = iotcred_tests::sts::ConnectProxy::start();
     let k = env.pki.device_ec.key.display().to_string();
     let cfg = env.config_with(
         &env.pki.device_ec.cert,
         &k,
-        &format!("proxy = \"http://127.0.0.1:{port}\""),
+        &format!("proxy = \"{}\"", proxy.url()),
         "",
     );
     assert_fetched(&env, &fetch(&env, &cfg, &[]));
-    let seen = seen.lock().unwrap().clone();
-    assert_eq!(seen, vec![format!("CONNECT {} HTTP/1.1", env.endpoint())]);
+    assert_eq!(
+        proxy.seen(),
+        vec![format!("CONNECT {} HTTP/1.1", env.endpoint())]
+    );
 }
 
 #[test]

@@ -438,7 +438,7 @@ fn generated(count: usize) -> Vec<Case> {
             let (region, service) = *rng.pick(&services);
             let mut case = Case::new(
                 &format!("generated-{i}"),
-                *rng.pick(&methods),
+                rng.pick(&methods),
                 &path,
                 &query,
             )
