@@ -436,14 +436,10 @@ fn generated(count: usize) -> Vec<Case> {
             }
             let query = pairs.join("&");
             let (region, service) = *rng.pick(&services);
-            let mut case = Case::new(
-                &format!("generated-{i}"),
-                rng.pick(&methods),
-                &path,
-                &query,
-            )
-            .scope(region, service)
-            .at(i64::try_from(rng.next() % 4_000_000_000).unwrap());
+            let method: &str = rng.pick(&methods);
+            let mut case = Case::new(&format!("generated-{i}"), method, &path, &query)
+                .scope(region, service)
+                .at(i64::try_from(rng.next() % 4_000_000_000).unwrap());
             for h in 0..rng.below(4) {
                 let name = format!("X-Gen-{}{}", rng.text(b"abcABC", 1, 3), h % 2);
                 let mut value = rng.text(VALUE, 0, 16);
