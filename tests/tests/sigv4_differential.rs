@@ -436,7 +436,7 @@ fn generated(count: usize) -> Vec<Case> {
             }
             let query = pairs.join("&");
             let (region, service) = *rng.pick(&services);
-            let method: &str = rng.pick(&methods);
+            let method = *rng.pick::<&str>(&methods);
             let mut case = Case::new(&format!("generated-{i}"), method, &path, &query)
                 .scope(region, service)
                 .at(i64::try_from(rng.next() % 4_000_000_000).unwrap());
