@@ -5,11 +5,13 @@ with switchable faults.
 Usage:
   python3 fake_sts.py --cert server.pem --key server.key [--region eu-west-1]
                       [--provider-admin http://127.0.0.1:PORT] [--external-id ID]
+                      [--source-credentials FILE]
 Prints one JSON line when listening: {"port": P, "admin_port": A}. Runs until stdin closes.
 
 Who may call: credentials issued by the fake IoT credentials provider (looked up on its admin
-listener, GET /issued: access key id -> secret, token, expiry) and credentials this STS issued
-(chains of chains). A request is refused like AWS does when:
+listener, GET /issued: access key id -> secret, token, expiry), credentials given in a JSON file
+({"access_key_id", "secret_access_key", "session_token", "expiration_unix"}; for benchmarks), and
+credentials this STS issued (chains of chains). A request is refused like AWS does when:
   - Authorization is missing or malformed      -> 403 MissingAuthenticationToken / IncompleteSignature
   - the access key id is unknown, or the token does not belong to it
                                                -> 403 InvalidClientTokenId
@@ -25,7 +27,9 @@ Admin listener (plain HTTP on 127.0.0.1, JSON):
         key expired: the same key is refused from then on, a refreshed one is accepted)
         | clock_skew (with "seconds": this STS's clock runs that far ahead)
   DELETE /fault     clears faults (and the clock skew)
-  GET /requests     every request: access key id, signature verdict, parameters, answer
+  GET /requests     every request: access key id, signature verdict, parameters, answer, and
+                    the time this server spent on it (server_us, from the end of the request
+                    head to the answer written)
   GET /issued       credentials issued (secrets included, for the tests' secret search)
   GET /stats        {"connections", "requests"}
 """
@@ -36,6 +40,7 @@ import email.utils
 import json
 import re
 import secrets
+import socket
 import ssl
 import sys
 import threading
@@ -71,6 +76,14 @@ class State:
         self.requests = []
         self.issued = []
         self.connections = 0
+        if args.source_credentials:
+            with open(args.source_credentials) as f:
+                c = json.load(f)
+            self.known[c["access_key_id"]] = {
+                "secret": c["secret_access_key"],
+                "token": c["session_token"],
+                "expires": c["expiration_unix"],
+            }
 
     def now(self):
         return int(time.time()) + self.skew
@@ -195,6 +208,9 @@ class StsHandler(BaseHTTPRequestHandler):
 
     def setup(self):
         super().setup()
+        # Head and body go out in two writes: without this, Nagle holds the body back until
+        # the client's delayed ACK of the head (tens of milliseconds per call).
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         with self.server.state.lock:
             self.server.state.connections += 1
 
@@ -216,15 +232,23 @@ class StsHandler(BaseHTTPRequestHandler):
         self.send_xml(405, error_xml("InvalidAction", "Use POST"))
 
     def do_POST(self):
+        started = time.perf_counter()
         state = self.server.state
         length = int(self.headers.get("Content-Length", "0"))
         body = self.rfile.read(length)
-        record = {"path": self.path, "access_key_id": None, "signature_ok": False}
+        record = {
+            "path": self.path,
+            "access_key_id": None,
+            "signature_ok": False,
+            "user_agent": self.headers.get("User-Agent", ""),
+        }
         status, text = self.answer(state, body, record)
         record["status"] = status
+        self.send_xml(status, text)
+        self.wfile.flush()
+        record["server_us"] = round((time.perf_counter() - started) * 1e6)
         with state.lock:
             state.requests.append(record)
-        self.send_xml(status, text)
 
     def answer(self, state, body, record):
         refusal, akid = verify_signature(state, self, body)
@@ -379,6 +403,7 @@ def main():
     p.add_argument("--region", default="eu-west-1")
     p.add_argument("--provider-admin")
     p.add_argument("--external-id")
+    p.add_argument("--source-credentials")
     args = p.parse_args()
     state = State(args)
 
