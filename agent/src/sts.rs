@@ -34,7 +34,7 @@ use tokio::time::Instant;
 use zeroize::{Zeroize, Zeroizing};
 
 use crate::connect::{Conn, ConnectError, Connector, Proxy, closed_by_peer, tls_cause};
-use crate::upstream::Fetched;
+use crate::source::Obtained;
 
 /// The STS API version sent with every call.
 pub const API_VERSION: &str = "2011-06-15";
@@ -198,14 +198,6 @@ pub enum StsError {
     /// The answer is not a usable `AssumeRoleResponse`.
     #[error("protocol error: {0}; will retry")]
     Protocol(#[from] ProtocolError),
-    /// STS issued credentials that expire too soon to be handed out.
-    #[error(
-        "STS issued credentials valid for only {secs} s (less than 60 s): check the clock of the STS endpoint; will retry"
-    )]
-    ShortLived {
-        /// Lifetime received.
-        secs: u64,
-    },
     /// The request could not be signed.
     #[error(
         "cannot sign the AssumeRole request: {0}; check the source role's credentials and [sts] region"
@@ -374,7 +366,7 @@ enum Attempt {
     Stale,
     /// STS refused the signature's time and sent its own: sign again with that offset.
     Skewed(i64),
-    Done(Result<Fetched, StsError>),
+    Done(Result<Obtained, StsError>),
 }
 
 impl StsClient {
@@ -423,7 +415,7 @@ impl StsClient {
         &self,
         source: &Credentials,
         role: &AssumeRole,
-    ) -> Result<Fetched, StsError> {
+    ) -> Result<Obtained, StsError> {
         let start = Instant::now();
         let deadline = start + self.timeout;
         let body = role.body();
@@ -598,15 +590,10 @@ impl StsClient {
             self.conn.keep_idle(stream.into_inner());
         }
         match interpret(&response, arrived_wall, source, role, &self.endpoint.region) {
-            Interpreted::Issued(issued) if issued.lifetime < iotcred_core::MIN_REMAINING => {
-                Attempt::Done(Err(StsError::ShortLived {
-                    secs: issued.lifetime.as_secs(),
-                }))
-            }
-            Interpreted::Issued(issued) => Attempt::Done(Ok(Fetched {
-                issued,
+            Interpreted::Issued(issued) => Attempt::Done(Ok(Obtained {
+                credentials: issued.credentials,
+                lifetime: issued.lifetime,
                 arrived,
-                arrived_wall,
                 latency: Duration::ZERO,
             })),
             Interpreted::Skewed(s) => Attempt::Skewed(s),
