@@ -244,11 +244,13 @@ class StsHandler(BaseHTTPRequestHandler):
         }
         status, text = self.answer(state, body, record)
         record["status"] = status
-        self.send_xml(status, text)
-        self.wfile.flush()
-        record["server_us"] = round((time.perf_counter() - started) * 1e6)
+        # Recorded before answering, so a client that got its answer finds the record.
         with state.lock:
             state.requests.append(record)
+        self.send_xml(status, text)
+        self.wfile.flush()
+        with state.lock:
+            record["server_us"] = round((time.perf_counter() - started) * 1e6)
 
     def answer(self, state, body, record):
         refusal, akid = verify_signature(state, self, body)
