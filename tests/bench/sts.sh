@@ -82,7 +82,8 @@ bad = [r for r in reqs if not r.get("signature_ok") or r.get("status") != 200]
 server = {"iotcred": [], "botocore": []}
 for r in reqs:
     key = "iotcred" if r["user_agent"].startswith("iotcred/") else "botocore"
-    server[key].append(r["server_us"])
+    if r.get("server_us") is not None:
+        server[key].append(r["server_us"])
 ours, boto = samples("ours"), samples("boto")
 mo, mb = statistics.median(ours), statistics.median(boto)
 so, sb = statistics.median(server["iotcred"]), statistics.median(server["botocore"])
