@@ -1,7 +1,8 @@
 //! Where a role's credentials come from: a [`Source`] that the role's refresher drives.
 //!
-//! Today there is one kind, the AWS IoT credentials provider ([`ProviderSource`], over the
-//! device's mutual TLS identity). Each source is one small value behind the trait, so the
+//! Two kinds: the AWS IoT credentials provider ([`ProviderSource`], over the device's mutual TLS
+//! identity), and STS `AssumeRole` for chained roles ([`ChainedSource`](crate::sts::ChainedSource),
+//! signed with another role's credentials). Each source is one small value behind the trait, so the
 //! refresher never knows which kind it drives, and tests drive it with a fake.
 
 use std::fmt;
@@ -49,6 +50,9 @@ pub enum SourceError {
     /// The AWS IoT credentials provider (or the way to it) failed.
     #[error(transparent)]
     Provider(#[from] UpstreamError),
+    /// A chained role's STS call, or its source role, failed.
+    #[error(transparent)]
+    Chained(#[from] crate::sts::ChainedError),
 }
 
 impl SourceError {
@@ -56,6 +60,7 @@ impl SourceError {
     pub fn class(&self) -> ErrorClass {
         match self {
             SourceError::Provider(e) => e.class(),
+            SourceError::Chained(e) => e.class(),
         }
     }
 
@@ -63,6 +68,7 @@ impl SourceError {
     pub fn retry_after(&self) -> Option<Duration> {
         match self {
             SourceError::Provider(e) => e.retry_after(),
+            SourceError::Chained(e) => e.retry_after(),
         }
     }
 }

@@ -34,7 +34,8 @@ use tokio::time::Instant;
 use zeroize::{Zeroize, Zeroizing};
 
 use crate::connect::{Conn, ConnectError, Connector, Proxy, closed_by_peer, tls_cause};
-use crate::source::Obtained;
+use crate::source::{BoxFuture, Obtained, Source, SourceError};
+use crate::state::{RoleHandle, Served};
 
 /// The STS API version sent with every call.
 pub const API_VERSION: &str = "2011-06-15";
@@ -899,6 +900,154 @@ impl XmlDoc {
             lifetime: lifetime.min(Duration::from_secs(u64::from(MAX_CHAINED_SECONDS))),
             server_date: None,
         })
+    }
+}
+
+/// Why a chained role could not obtain credentials.
+#[derive(Debug, thiserror::Error)]
+pub enum ChainedError {
+    /// The STS call failed.
+    #[error(transparent)]
+    Sts(#[from] StsError),
+    /// The source role holds no credentials that may be used now.
+    #[error("source role {source_role} has no valid credentials{}; will retry once it has", reason.as_ref().map(|r| format!(" ({r})")).unwrap_or_default())]
+    SourceUnavailable {
+        /// The source role.
+        source_role: String,
+        /// The source role's last error, if it has one.
+        reason: Option<Arc<str>>,
+    },
+    /// STS refused the source role's credentials as expired, and again after they were
+    /// refreshed.
+    #[error(
+        "STS refused the credentials of source role {0} as expired (ExpiredToken), also after refreshing them: check the system clock and [sts] endpoint; will retry"
+    )]
+    StillExpired(String),
+}
+
+impl ChainedError {
+    /// Permanent or transient.
+    pub fn class(&self) -> ErrorClass {
+        match self {
+            ChainedError::Sts(e) => e.class(),
+            ChainedError::SourceUnavailable { .. } | ChainedError::StillExpired(_) => {
+                ErrorClass::Transient
+            }
+        }
+    }
+
+    /// STS's `Retry-After`, if any.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            ChainedError::Sts(e) => e.retry_after(),
+            _ => None,
+        }
+    }
+}
+
+/// A chained role (SPEC §9): `AssumeRole` signed with the current credentials of another role,
+/// read from that role's published state. When STS answers `ExpiredToken`, the source role is
+/// asked to refresh now, and the call is retried once with its new credentials.
+#[derive(Debug)]
+pub struct ChainedSource {
+    client: Arc<StsClient>,
+    request: AssumeRole,
+    source: RoleHandle,
+    wait: Duration,
+}
+
+impl ChainedSource {
+    /// `request` through `client`, signed with the credentials of `source`; waits at most
+    /// `wait` for the source role's credentials (`timeout_seconds`).
+    pub fn new(
+        client: Arc<StsClient>,
+        request: AssumeRole,
+        source: RoleHandle,
+        wait: Duration,
+    ) -> ChainedSource {
+        ChainedSource {
+            client,
+            request,
+            source,
+            wait,
+        }
+    }
+
+    async fn obtain(&self) -> Result<Obtained, ChainedError> {
+        let served = self
+            .source
+            .credentials(self.wait)
+            .await
+            .map_err(|_| self.unavailable())?;
+        match self
+            .client
+            .assume_role(&served.credentials, &self.request)
+            .await
+        {
+            Err(StsError::ExpiredToken { .. }) => {
+                tracing::info!(
+                    role = %self.source.name,
+                    "STS answered ExpiredToken: refreshing source role {} before retrying once",
+                    self.source.name
+                );
+                self.source.refresh_now();
+                let fresh = self.replaced(&served.credentials.access_key_id).await?;
+                match self
+                    .client
+                    .assume_role(&fresh.credentials, &self.request)
+                    .await
+                {
+                    Err(StsError::ExpiredToken { .. }) => {
+                        Err(ChainedError::StillExpired(self.source.name.to_string()))
+                    }
+                    other => Ok(other?),
+                }
+            }
+            other => Ok(other?),
+        }
+    }
+
+    /// Waits (at most `wait`) for the source role to hold servable credentials other than those
+    /// with `old_key`; gives up early when its refresh fails.
+    async fn replaced(&self, old_key: &str) -> Result<Served, ChainedError> {
+        let deadline = Instant::now() + self.wait;
+        let mut rx = self.source.watch();
+        let failure_before = rx.borrow().last_failure;
+        loop {
+            {
+                let state = rx.borrow_and_update();
+                let now = self.source.now();
+                if let Some(served) = state
+                    .servable(now, UnixTime::now())
+                    .filter(|s| s.credentials.access_key_id != old_key)
+                {
+                    return Ok(served);
+                }
+                if state.last_failure.is_some() && state.last_failure != failure_before {
+                    return Err(ChainedError::SourceUnavailable {
+                        source_role: self.source.name.to_string(),
+                        reason: state.last_error.clone(),
+                    });
+                }
+            }
+            match tokio::time::timeout_at(deadline, rx.changed()).await {
+                Ok(Ok(())) => {}
+                _ => return Err(self.unavailable()),
+            }
+        }
+    }
+
+    fn unavailable(&self) -> ChainedError {
+        ChainedError::SourceUnavailable {
+            source_role: self.source.name.to_string(),
+            reason: self.source.state().last_error,
+        }
+    }
+}
+
+impl Source for ChainedSource {
+    fn fetch(&self) -> BoxFuture<'_, Result<Obtained, SourceError>> {
+        Box::pin(async move { Ok(self.obtain().await?) })
     }
 }
 

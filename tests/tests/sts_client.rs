@@ -3,14 +3,23 @@
 //! the fake IoT credentials provider through the agent's own upstream exchange, so the fake
 //! STS checks the signature against the secret the provider really issued.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use iotcred_agent::config::Config;
-use iotcred_agent::sts::{AssumeRole, StsClient, StsEndpoint, StsError};
+use iotcred_agent::metrics::Metrics;
+use iotcred_agent::refresh::Refresher;
+use iotcred_agent::source::{ProviderSource, Source, SourceError};
+use iotcred_agent::state::{Clock, RoleHandle, role_channel};
+use iotcred_agent::sts::{
+    AssumeRole, ChainedError, ChainedSource, StsClient, StsEndpoint, StsError,
+};
 use iotcred_agent::upstream::{RoleRequest, Upstream};
+use iotcred_core::schedule::ScheduleConfig;
 use iotcred_core::{Credentials, ErrorClass, RoleAlias, Secret, UnixTime};
 use iotcred_tests::sts::{ConnectProxy, FakeSts, FakeStsOptions, MotoSts, StsFault};
 use iotcred_tests::{FakeProvider, Pki, ProviderHandle};
+use tokio::sync::watch;
 
 const ARN: &str = "arn:aws:iam::210987654321:role/GatewayAnalytics";
 
@@ -18,7 +27,7 @@ struct Setup {
     _dir: tempfile::TempDir,
     pki: Pki,
     provider: ProviderHandle,
-    upstream: Upstream,
+    upstream: Arc<Upstream>,
 }
 
 impl Setup {
@@ -36,7 +45,7 @@ impl Setup {
         );
         let config = Config::parse(&text, &dir.path().join("config.toml")).expect("config");
         let identity = iotcred_agent::tls::load_identity(&config).expect("identity");
-        let upstream = Upstream::new(&config, identity.client_config).expect("upstream");
+        let upstream = Arc::new(Upstream::new(&config, identity.client_config).expect("upstream"));
         Setup {
             _dir: dir,
             pki,
@@ -56,6 +65,29 @@ impl Setup {
             .await
             .expect("source credentials")
             .credentials
+    }
+
+    /// The source role "default" with its own refresher over the real upstream, as the agent
+    /// runs it; stops when the returned sender says so.
+    fn source_role(&self) -> (RoleHandle, watch::Sender<bool>) {
+        let (publisher, handle) =
+            role_channel("default", ScheduleConfig::default(), Clock::new(), &[], &[]);
+        let refresher = Refresher {
+            index: 0,
+            source: Arc::new(ProviderSource::new(
+                self.upstream.clone(),
+                RoleRequest {
+                    role_alias: RoleAlias::new("GatewayRole").unwrap(),
+                    duration: None,
+                },
+            )),
+            files: Vec::new(),
+            publisher,
+            metrics: Arc::new(Metrics::new(&["default"])),
+        };
+        let (stop, stop_rx) = watch::channel(false);
+        tokio::spawn(refresher.run(stop_rx));
+        (handle, stop)
     }
 
     fn fake_sts(&self, external_id: Option<&str>) -> FakeSts {
@@ -314,4 +346,72 @@ async fn moto_sts_accepts_the_call_and_its_answer_parses() {
     assert!((1790..=1800).contains(&life), "{life}");
     // moto closes the connection after each answer: the next call opens a new one.
     client.assume_role(&source, &r).await.expect("moto again");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chained_source_refreshes_its_source_on_expired_token_then_retries_once() {
+    let s = Setup::new().await;
+    let sts = s.fake_sts(None);
+    let client = Arc::new(s.client(&sts.endpoint(), "eu-west-1", None));
+    let (handle, stop) = s.source_role();
+    let chained = ChainedSource::new(client, role(None), handle.clone(), Duration::from_secs(20));
+
+    let first = chained.fetch().await.expect("first");
+    assert!(first.lifetime <= Duration::from_secs(3600));
+    assert_eq!(s.provider.request_count(), 1);
+
+    // STS refuses the source's token as expired: the source role is refreshed (a second
+    // provider exchange), and the call is made again, once, with the new credentials.
+    sts.push_fault(StsFault::ExpiredToken);
+    let second = chained.fetch().await.expect("after ExpiredToken");
+    assert_ne!(
+        second.credentials.access_key_id,
+        first.credentials.access_key_id
+    );
+    assert_eq!(s.provider.request_count(), 2);
+    let reqs = sts.requests();
+    let keys: Vec<_> = reqs.iter().map(|q| q["access_key_id"].clone()).collect();
+    assert_eq!(reqs.len(), 3, "{reqs:?}");
+    assert_eq!(reqs[1]["code"], "ExpiredToken");
+    assert_eq!(
+        keys[0], keys[1],
+        "the first two calls used the first source credentials"
+    );
+    assert_ne!(
+        keys[1], keys[2],
+        "the retry used the refreshed source credentials"
+    );
+    let issued = s.provider.issued();
+    assert_eq!(keys[2], issued[1].access_key_id.as_str());
+
+    // Expired again after the refresh: reported, not looped on.
+    sts.push_fault(StsFault::ExpiredToken);
+    sts.push_fault(StsFault::ExpiredToken);
+    let e = chained.fetch().await.unwrap_err();
+    assert!(
+        matches!(e, SourceError::Chained(ChainedError::StillExpired(_))),
+        "{e}"
+    );
+    assert_eq!(e.class(), ErrorClass::Transient);
+    let _ = stop.send(true);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chained_source_reports_a_source_role_that_is_down() {
+    let s = Setup::new().await;
+    let sts = s.fake_sts(None);
+    s.provider.set_fault(iotcred_tests::Fault::status(503));
+    let client = Arc::new(s.client(&sts.endpoint(), "eu-west-1", None));
+    let (handle, stop) = s.source_role();
+    let chained = ChainedSource::new(client, role(None), handle, Duration::from_secs(3));
+    let e = chained.fetch().await.unwrap_err();
+    assert_eq!(e.class(), ErrorClass::Transient);
+    let m = e.to_string();
+    assert!(
+        m.contains("source role default has no valid credentials"),
+        "{m}"
+    );
+    // Nothing was sent to STS without credentials to sign with.
+    assert!(sts.requests().is_empty());
+    let _ = stop.send(true);
 }
