@@ -1,5 +1,5 @@
 //! STS `AssumeRole` for chained roles (SPEC §9): a form-encoded `POST` signed with SigV4
-//! (core's [`sigv4`](iotcred_core::sigv4)) with the source role's credentials and session
+//! (core's [`sigv4`]) with the source role's credentials and session
 //! token, over HTTPS with the agent's TLS stack and proxy handling
 //! ([`connect`](crate::connect)), the connection kept alive between refreshes.
 //!

@@ -85,7 +85,11 @@ fn role_health(env: &Env, name: &str) -> serde_json::Value {
 }
 
 /// Waits until `pred` holds for role `name`'s health entry; returns it.
-fn wait_role(env: &Env, name: &str, pred: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+fn wait_role(
+    env: &Env,
+    name: &str,
+    pred: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
     poll(LIMIT, || {
         let r = role_health(env, name);
         pred(&r).then_some(r)
@@ -110,7 +114,10 @@ fn tcp_get(port: u16, path: &str, token: Option<&str>) -> (u16, String) {
     let mut rest = String::new();
     r.read_to_string(&mut rest).unwrap();
     let code = status.split_whitespace().nth(1).unwrap().parse().unwrap();
-    let body = rest.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    let body = rest
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
     (code, body)
 }
 
@@ -123,7 +130,10 @@ fn a_chained_role_is_served_like_any_other_role() {
         &env,
         &format!("[serve]\nlisten = \"127.0.0.1:{port}\"\n"),
         &sts.endpoint(),
-        &format!("external_id = \"ext-0042\"\nsession_name = \"gw-0042\"\nduration_seconds = 1800\nallow_uids = [{}]", my_uid()),
+        &format!(
+            "external_id = \"ext-0042\"\nsession_name = \"gw-0042\"\nduration_seconds = 1800\nallow_uids = [{}]",
+            my_uid()
+        ),
     );
     let mut agent = env.start_agent(&cfg);
     assert!(agent.wait_ready(LIMIT), "no READY=1; log:\n{}", agent.log());
@@ -158,14 +168,16 @@ fn a_chained_role_is_served_like_any_other_role() {
     assert_eq!(code, 200, "{body}");
     let v: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(v["SecretAccessKey"], issued[0].secret_access_key.as_str());
-    assert_eq!(tcp_get(port, "/v1/credentials/analytics", Some(&other)).0, 401);
+    assert_eq!(
+        tcp_get(port, "/v1/credentials/analytics", Some(&other)).0,
+        401
+    );
     assert_eq!(tcp_get(port, "/v1/credentials/analytics", None).0, 401);
 
     // File sink, metrics.
-    let file: serde_json::Value = serde_json::from_slice(
-        &std::fs::read(env.runtime_dir().join("analytics.json")).unwrap(),
-    )
-    .unwrap();
+    let file: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(env.runtime_dir().join("analytics.json")).unwrap())
+            .unwrap();
     assert_eq!(file["AccessKeyId"], issued[0].access_key_id.as_str());
     let metrics = hostile::unix_get(&env.socket(), "/v1/metrics").unwrap();
     assert!(
@@ -191,8 +203,14 @@ fn access_denied_is_permanent_and_health_says_what_to_fix() {
     let h = wait_role(&env, "analytics", |r| r["failures"].as_u64() >= Some(1));
     assert_eq!(h["healthy"], false);
     let e = h["last_error"].as_str().unwrap();
-    assert!(e.contains("AccessDenied") && e.contains("trust policy of"), "{e}");
-    assert_eq!(wait_role(&env, "default", |r| r["healthy"] == true)["healthy"], true);
+    assert!(
+        e.contains("AccessDenied") && e.contains("trust policy of"),
+        "{e}"
+    );
+    assert_eq!(
+        wait_role(&env, "default", |r| r["healthy"] == true)["healthy"],
+        true
+    );
     let permanent = hostile::metric(
         &env.socket(),
         "iotcred_refresh_total{role=\"analytics\",outcome=\"permanent\"}",
@@ -237,8 +255,14 @@ fn a_source_role_that_is_down_holds_the_chained_role_back_until_it_recovers() {
     let h = wait_role(&env, "analytics", |r| r["failures"].as_u64() >= Some(1));
     assert_eq!(h["healthy"], false);
     let e = h["last_error"].as_str().unwrap();
-    assert!(e.contains("source role default has no valid credentials"), "{e}");
-    assert!(sts.requests().is_empty(), "nothing to sign with, nothing sent");
+    assert!(
+        e.contains("source role default has no valid credentials"),
+        "{e}"
+    );
+    assert!(
+        sts.requests().is_empty(),
+        "nothing to sign with, nothing sent"
+    );
 
     env.provider.clear_faults();
     wait_role(&env, "default", |r| r["healthy"] == true);
@@ -261,7 +285,10 @@ fn the_proxy_carries_both_the_provider_and_sts() {
     let agent = env.start_agent(&cfg);
     wait_role(&env, "analytics", |r| r["healthy"] == true);
     let seen = proxy.seen();
-    assert!(seen.contains(&format!("CONNECT {} HTTP/1.1", env.endpoint())), "{seen:?}");
+    assert!(
+        seen.contains(&format!("CONNECT {} HTTP/1.1", env.endpoint())),
+        "{seen:?}"
+    );
     assert!(
         seen.contains(&format!("CONNECT localhost:{} HTTP/1.1", sts.port())),
         "{seen:?}"
@@ -279,8 +306,20 @@ fn moto_sts_serves_a_chained_role() {
     let remaining = h["remaining_seconds"].as_u64().unwrap();
     assert!((800..=900).contains(&remaining), "{h}");
     let sock = env.socket().display().to_string();
-    let out = env.run(&["get", "--socket", &sock, "--role", "analytics", "--format", "env"]);
+    let out = env.run(&[
+        "get",
+        "--socket",
+        &sock,
+        "--role",
+        "analytics",
+        "--format",
+        "env",
+    ]);
     assert_eq!(out.code, 0, "{}", out.stderr);
-    assert!(out.stdout.contains("export AWS_ACCESS_KEY_ID=ASIA"), "{}", out.stdout);
+    assert!(
+        out.stdout.contains("export AWS_ACCESS_KEY_ID=ASIA"),
+        "{}",
+        out.stdout
+    );
     drop(agent);
 }
