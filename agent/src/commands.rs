@@ -8,9 +8,9 @@ use std::sync::Arc;
 use iotcred_core::UnixTime;
 use iotcred_core::render::Format;
 
-use crate::config::{self, Config};
+use crate::config::{self, Config, RoleSource};
 use crate::tls::{self, Identity};
-use crate::upstream::{Fetched, RoleRequest, Upstream};
+use crate::upstream::{Fetched, Upstream};
 
 /// Exit code: success.
 pub const EXIT_OK: u8 = 0;
@@ -63,10 +63,16 @@ fn fail(code: u8, message: impl std::fmt::Display) -> u8 {
     code
 }
 
-/// Loads the configuration named by `--config` / `IOTCRED_CONFIG` / the default.
+/// Loads the configuration named by `--config` / `IOTCRED_CONFIG` / the default; on failure
+/// prints every problem, one line each.
 pub fn load_config(path: Option<&Path>) -> Result<Config, u8> {
     let path = config::resolve_path(path);
-    Config::load(&path).map_err(|e| fail(EXIT_CONFIG, e))
+    Config::load(&path).map_err(|e| {
+        for line in e.lines() {
+            eprintln!("iotcred: {line}");
+        }
+        EXIT_CONFIG
+    })
 }
 
 fn load_identity(config: &Config) -> Result<Identity, u8> {
@@ -81,12 +87,20 @@ fn runtime() -> Result<tokio::runtime::Runtime, u8> {
 }
 
 async fn fetch_role(upstream: &Upstream, role: &config::Role) -> Result<Fetched, u8> {
-    let req = RoleRequest {
-        role_alias: role.role_alias.clone(),
-        duration: role.duration,
+    let request = match &role.source {
+        RoleSource::Provider(p) => p,
+        RoleSource::Chained(c) => {
+            return Err(fail(
+                EXIT_CONFIG,
+                format!(
+                    "role {}: chained through STS from role {}: fetching chained roles is not supported yet",
+                    role.name, c.source_role
+                ),
+            ));
+        }
     };
     upstream
-        .fetch(&req)
+        .fetch(request)
         .await
         .map_err(|e| fail(e.exit_code() as u8, format!("role {}: {e}", role.name)))
 }
@@ -107,8 +121,7 @@ pub fn fetch(config: Option<&Path>, role: Option<&str>, format: Format) -> u8 {
             )
         })?;
         let identity = load_identity(&config)?;
-        let upstream =
-            Upstream::new(&config, identity.client_config).map_err(|e| fail(EXIT_CONFIG, e))?;
+        let upstream = Upstream::new(&config, identity.client_config);
         let fetched = runtime()?.block_on(fetch_role(&upstream, role))?;
         let expiration = fetched.arrived_wall.saturating_add(fetched.issued.lifetime);
         let text = format.render(&role.name, &fetched.issued.credentials, expiration);
@@ -172,16 +185,26 @@ pub fn check(config: Option<&Path>, do_fetch: bool) -> u8 {
             Some(ca) => println!("trust anchors: {}", ca.display()),
             None => println!("trust anchors: built-in Amazon roots"),
         }
-        println!(
-            "endpoint: {}:{}",
-            config.endpoint.host, config.endpoint.port
-        );
+        println!("endpoint: {}", config.endpoint);
+        if let Some(p) = &config.proxy {
+            println!("proxy: {}", p.addr);
+        }
+        if let Some(imds) = &config.serve.imds {
+            println!(
+                "imds: {} serves role {} (hop limit {}, region {})",
+                imds.listen,
+                imds.role,
+                imds.hop_limit,
+                imds.region.as_deref().unwrap_or("none")
+            );
+        }
+        if let Some(sts) = &config.sts {
+            println!("sts: {} (region {})", sts.endpoint, sts.region);
+        }
         if !do_fetch {
             return Ok(());
         }
-        let upstream = Arc::new(
-            Upstream::new(&config, identity.client_config).map_err(|e| fail(EXIT_CONFIG, e))?,
-        );
+        let upstream = Arc::new(Upstream::new(&config, identity.client_config));
         let rt = runtime()?;
         let mut worst: Option<u8> = None;
         for role in &config.roles {

@@ -13,7 +13,7 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 use crate::commands::{EXIT_CONFIG, EXIT_OK, EXIT_OTHER};
-use crate::config::Config;
+use crate::config::{Config, RoleSource};
 use crate::metrics::Metrics;
 use crate::refresh::{Clock, Refresher, schedule_config};
 use crate::state::{RoleHandle, RolePublisher, role_channel};
@@ -32,8 +32,28 @@ struct Generation {
     tasks: JoinSet<(String, RolePublisher)>,
 }
 
+/// Chained roles (SPEC §9) are parsed and validated, but no refresher serves them yet.
+fn chained_not_supported(config: &Config) -> Option<String> {
+    let chained: Vec<&str> = config
+        .roles
+        .iter()
+        .filter(|r| matches!(r.source, RoleSource::Chained(_)))
+        .map(|r| r.name.as_str())
+        .collect();
+    (!chained.is_empty()).then(|| {
+        format!(
+            "role(s) {} use source_role: chained roles are not supported yet by `run`; remove them or give them a role_alias",
+            chained.join(", ")
+        )
+    })
+}
+
 /// Runs the agent until SIGTERM/SIGINT. Returns the exit code.
 pub async fn run(config: Config) -> u8 {
+    if let Some(e) = chained_not_supported(&config) {
+        eprintln!("iotcred: {e}");
+        return EXIT_CONFIG;
+    }
     let identity = match wait_for_identity(&config).await {
         Ok(i) => i,
         Err(code) => return code,
@@ -51,20 +71,14 @@ pub async fn run(config: Config) -> u8 {
     }
     tracing::info!(
         version = env!("CARGO_PKG_VERSION"),
-        endpoint = %format!("{}:{}", config.endpoint.host, config.endpoint.port),
+        endpoint = %config.endpoint,
         certificate = %identity.cert.subject,
         certificate_expires = %identity.cert.not_after.rfc3339(),
         key = %config.key,
         roles = config.roles.len(),
         "starting"
     );
-    let upstream = match Upstream::new(&config, identity.client_config) {
-        Ok(u) => Arc::new(u),
-        Err(e) => {
-            eprintln!("iotcred: {e}");
-            return EXIT_CONFIG;
-        }
-    };
+    let upstream = Arc::new(Upstream::new(&config, identity.client_config));
     let names: Vec<&str> = config.roles.iter().map(|r| r.name.as_str()).collect();
     let metrics = Arc::new(Metrics::new(&names));
     let clock = Clock::new();
@@ -260,13 +274,11 @@ async fn reload(
             return old;
         }
     };
-    let upstream = match Upstream::new(&new_config, identity.client_config) {
-        Ok(u) => Arc::new(u),
-        Err(e) => {
-            refuse(&e);
-            return old;
-        }
-    };
+    if let Some(e) = chained_not_supported(&new_config) {
+        refuse(&e);
+        return old;
+    }
+    let upstream = Arc::new(Upstream::new(&new_config, identity.client_config));
     if new_config.serve != old.config.serve || new_config.runtime_dir != old.config.runtime_dir {
         tracing::warn!("[serve] and runtime_dir changes take effect at the next restart");
     }
@@ -291,7 +303,7 @@ async fn reload(
         };
         let unchanged = |n: &crate::config::Role| {
             old_config.roles.iter().any(|o| {
-                o.name == n.name && o.role_alias == n.role_alias && o.duration == n.duration
+                o.name == n.name && o.source == n.source
             })
         };
         if same_identity

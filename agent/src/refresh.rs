@@ -9,10 +9,10 @@ use iotcred_core::{ErrorClass, MIN_REMAINING, UnixTime};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use crate::config::{Config, FileSink, Role};
+use crate::config::{Config, FileSink, Role, RoleSource};
 use crate::metrics::{Metrics, RefreshOutcome};
 use crate::state::{Held, RolePublisher};
-use crate::upstream::{RoleRequest, Upstream};
+use crate::upstream::Upstream;
 
 /// Maps tokio's monotonic clock onto core's [`iotcred_core::Instant`].
 #[derive(Clone, Copy, Debug)]
@@ -104,9 +104,9 @@ impl Refresher {
             metrics,
             clock,
         } = self;
-        let request = RoleRequest {
-            role_alias: role.role_alias.clone(),
-            duration: role.duration,
+        // `daemon::run` refuses chained roles before any refresher starts.
+        let RoleSource::Provider(request) = role.source.clone() else {
+            return (role.name, publisher);
         };
         let mut schedule = Schedule::new(sched_cfg, clock.now());
         // A previous run killed mid-write may have left temporary files next to the sinks.
@@ -155,7 +155,7 @@ impl Refresher {
                         metrics.refresh_result(index, RefreshOutcome::Success, f.latency);
                         tracing::info!(
                             role = %role.name,
-                            alias = role.role_alias.as_str(),
+                            alias = request.role_alias.as_str(),
                             lifetime_s = lifetime.as_secs(),
                             latency_ms = f.latency.as_millis() as u64,
                             next_refresh_in_s = refresh_at.saturating_duration_since(done).as_secs(),
