@@ -132,9 +132,7 @@ fn region_in(host: &str, pick: impl for<'a> Fn(&[&'a str]) -> Option<&'a str>) -
     let rest = labels
         .strip_suffix(&["amazonaws", "com", "cn"])
         .or_else(|| labels.strip_suffix(&["amazonaws", "com"]))?;
-    pick(rest)
-        .filter(|r| valid_region(r))
-        .map(str::to_string)
+    pick(rest).filter(|r| valid_region(r)).map(str::to_string)
 }
 
 /// An AWS region name as it appears in host names: `eu-west-1`, `us-gov-west-1`, `cn-north-1`.
@@ -400,14 +398,18 @@ fn read_config(
         t.finish();
         s
     };
-    let sts = match root.table("sts") {
-        Some(mut t) => {
-            let s = read_sts(cx, Some(&mut t), env, proxy_setting.as_ref(), &roles, region);
-            t.finish();
-            s
-        }
-        None => read_sts(cx, None, env, proxy_setting.as_ref(), &roles, region),
-    };
+    let mut sts_table = root.table("sts");
+    let sts = read_sts(
+        cx,
+        sts_table.as_mut(),
+        env,
+        proxy_setting.as_ref(),
+        &roles,
+        region,
+    );
+    if let Some(t) = sts_table {
+        t.finish();
+    }
     check_file_sinks(cx, &roles.roles);
     Some(Config {
         path: path.to_path_buf(),
@@ -468,7 +470,11 @@ fn read_identity(cx: &Cx<'_>, root: &mut Table<'_, '_>) -> Identity {
     let key = root
         .required_str("key", "give the device key's PEM file or a pkcs11: URI")
         .and_then(|v| {
-            if v.value.trim_start().to_ascii_lowercase().starts_with("pkcs11:") {
+            if v.value
+                .trim_start()
+                .to_ascii_lowercase()
+                .starts_with("pkcs11:")
+            {
                 cx.check(&v, "key", KeySource::parse(v.value))
             } else {
                 cx.path(&v, "key").map(KeySource::Pem)
@@ -499,7 +505,11 @@ fn read_proxy_setting(cx: &Cx<'_>, root: &mut Table<'_, '_>) -> Option<ProxySett
     match root.str("proxy") {
         None => Some(ProxySetting::Environment),
         Some(v) => cx
-            .check(&v, format_args!("proxy = {:?}", v.value), Proxy::parse(v.value))
+            .check(
+                &v,
+                format_args!("proxy = {:?}", v.value),
+                Proxy::parse(v.value),
+            )
             .map(ProxySetting::Explicit),
     }
 }
@@ -587,7 +597,9 @@ fn read_serve(
                 if *l == imds.listen {
                     cx.report_at(
                         Some(i.span()),
-                        format!("serve.imds.listen = {l} is also serve.listen: give each its own port"),
+                        format!(
+                            "serve.imds.listen = {l} is also serve.listen: give each its own port"
+                        ),
                     );
                 }
             }
@@ -610,7 +622,10 @@ fn read_imds(
     region: Option<&str>,
 ) -> Option<Imds> {
     let listen = t
-        .required_str("listen", "give the address to listen on, e.g. \"127.0.0.1:2774\"")
+        .required_str(
+            "listen",
+            "give the address to listen on, e.g. \"127.0.0.1:2774\"",
+        )
         .and_then(|v| {
             cx.check(
                 &v,
@@ -633,7 +648,10 @@ fn read_imds(
                     ),
                 );
             } else {
-                cx.report(&v, format!("serve.imds.role = {:?}: no such [[role]]", v.value));
+                cx.report(
+                    &v,
+                    format!("serve.imds.role = {:?}: no such [[role]]", v.value),
+                );
             }
             None
         }
@@ -720,9 +738,7 @@ pub enum ListenError {
     #[error("not an address: use 127.0.0.1:PORT or [::1]:PORT")]
     Syntax,
     /// Not an address this listener may bind.
-    #[error(
-        "{ip} is not a loopback address: listeners bind only to {allowed} (SPEC §4.5)"
-    )]
+    #[error("{ip} is not an address this listener may bind: use {allowed} (SPEC §4.5)")]
     NotAllowed {
         /// The address given.
         ip: IpAddr,
@@ -783,7 +799,10 @@ fn read_roles(cx: &Cx<'_>, root: &mut Table<'_, '_>, identity: &Identity) -> Rol
         if names.iter().any(|n| n == name.value) {
             cx.report(
                 name,
-                format!("role name {:?} is used twice: names must be unique", name.value),
+                format!(
+                    "role name {:?} is used twice: names must be unique",
+                    name.value
+                ),
             );
         } else {
             names.push(name.value.to_string());
@@ -816,9 +835,7 @@ fn read_role<'t>(cx: &Cx<'_>, t: &mut Table<'t, '_>, identity: &Identity) -> Rol
     let source_role = t.str("source_role");
     let source = match (&alias, &source_role) {
         (Some(alias), None) => read_provider(cx, t, alias, identity).map(RoleSource::Provider),
-        (None, Some(src)) => {
-            read_chained(cx, t, src, identity).map(RoleSource::Chained)
-        }
+        (None, Some(src)) => read_chained(cx, t, src, identity).map(RoleSource::Chained),
         (Some(_), Some(src)) => {
             t.skip(&ROLE_SOURCE_KEYS);
             cx.report(
@@ -918,7 +935,13 @@ fn read_provider(
     let request = cx.check(
         alias,
         "role_alias",
-        Request::new(endpoint.host(), endpoint.port(), &role_alias, crate::USER_AGENT).map(|r| {
+        Request::new(
+            endpoint.host(),
+            endpoint.port(),
+            &role_alias,
+            crate::USER_AGENT,
+        )
+        .map(|r| {
             r.with_thing_name(thing.as_ref())
                 .with_duration(duration)
                 .prepare()
@@ -982,7 +1005,9 @@ fn read_chained(
     };
     let external_id = match t.str("external_id") {
         None => Some(None),
-        Some(v) => cx.check(&v, "external_id", check_external_id(v.value)).map(Some),
+        Some(v) => cx
+            .check(&v, "external_id", check_external_id(v.value))
+            .map(Some),
     };
     let duration = t.int_in("duration_seconds", 3600, 900, 3600);
     Some(ChainedRole {
@@ -1091,7 +1116,10 @@ fn check_chains(cx: &Cx<'_>, entries: &[RoleEntry<'_>]) {
         if own == Some(src.value) {
             cx.report(
                 src,
-                format!("source_role = {:?}: a role cannot be its own source", src.value),
+                format!(
+                    "source_role = {:?}: a role cannot be its own source",
+                    src.value
+                ),
             );
             next.push(None);
             continue;
@@ -1119,7 +1147,7 @@ fn check_chains(cx: &Cx<'_>, entries: &[RoleEntry<'_>]) {
         let mut at = start;
         while let Some(n) = next.get(at).copied().flatten() {
             if let Some(pos) = path.iter().position(|&p| p == n) {
-                let cycle = &path[pos..];
+                let cycle = path.get(pos..).unwrap_or_default();
                 if cycle.iter().min() == Some(&start) {
                     let names: Vec<&str> = cycle
                         .iter()
@@ -1191,7 +1219,7 @@ fn check_file_sinks(cx: &Cx<'_>, roles: &[Role]) {
         .flat_map(|r| r.files.iter().map(|f| &f.path))
         .collect();
     for (i, p) in all.iter().enumerate() {
-        if all[..i].contains(p) {
+        if all.get(..i).is_some_and(|before| before.contains(p)) {
             cx.report_at(
                 None,
                 format!(
@@ -1235,7 +1263,10 @@ fn read_sts(
         Some(v) => {
             cx.report(
                 &v,
-                format!("sts.region = {:?}: give an AWS region name like \"eu-west-1\"", v.value),
+                format!(
+                    "sts.region = {:?}: give an AWS region name like \"eu-west-1\"",
+                    v.value
+                ),
             );
             ok = false;
             None
@@ -1253,7 +1284,11 @@ fn read_sts(
         return None;
     }
     let region = region
-        .or_else(|| endpoint.as_ref().and_then(|u| sts_region(u.server().addr().host())))
+        .or_else(|| {
+            endpoint
+                .as_ref()
+                .and_then(|u| sts_region(u.server().addr().host()))
+        })
         .or(endpoint_region);
     let Some(region) = region else {
         if chained {
@@ -1347,7 +1382,11 @@ role_alias = "GatewayRole"
 "#;
 
     fn parse(t: &str) -> Result<Config, LoadError> {
-        Config::parse_with_env(t, Path::new("/etc/iotcred/config.toml"), &ProxyEnv::default())
+        Config::parse_with_env(
+            t,
+            Path::new("/etc/iotcred/config.toml"),
+            &ProxyEnv::default(),
+        )
     }
 
     /// The problems, as `(line, message)`.
@@ -1411,7 +1450,10 @@ role_alias = "GatewayRole"
             text.starts_with("GET /role-aliases/GatewayRole/credentials HTTP/1.1\r\nHost: abc.credentials.iot.eu-west-1.amazonaws.com\r\n"),
             "{text}"
         );
-        assert!(text.contains("\r\nx-amzn-iot-thingname: gw-1\r\n"), "{text}");
+        assert!(
+            text.contains("\r\nx-amzn-iot-thingname: gw-1\r\n"),
+            "{text}"
+        );
         assert!(
             text.contains("\r\nx-amzn-iot-credential-duration-seconds: 7200\r\n"),
             "{text}"
@@ -1437,8 +1479,13 @@ role_alias = "GatewayRole"
         let e = one(&with_serve("[serve]\nsockett = \"x\""));
         assert!(e.starts_with("line 6: unknown key `serve.sockett`"), "{e}");
         assert!(e.contains("socket_mode"), "{e}");
-        let e = one(&with_serve("[serve.imds]\nlisten = \"127.0.0.1:1\"\nhops = 2"));
-        assert!(e.starts_with("line 7: unknown key `serve.imds.hops`"), "{e}");
+        let e = one(&with_serve(
+            "[serve.imds]\nlisten = \"127.0.0.1:1\"\nhops = 2",
+        ));
+        assert!(
+            e.starts_with("line 7: unknown key `serve.imds.hops`"),
+            "{e}"
+        );
         let e = one(&with_serve("[sts]\nregon = \"eu-west-1\""));
         assert!(e.starts_with("line 6: unknown key `sts.regon`"), "{e}");
     }
@@ -1460,11 +1507,18 @@ role_alias = "GatewayRole"
 
     #[test]
     fn missing_keys() {
-        let t = MINIMAL.replace("endpoint = \"abc.credentials.iot.eu-west-1.amazonaws.com\"\n", "");
+        let t = MINIMAL.replace(
+            "endpoint = \"abc.credentials.iot.eu-west-1.amazonaws.com\"\n",
+            "",
+        );
         let e = one(&t);
         assert!(e.starts_with("`endpoint` is missing"), "{e}");
         let t = MINIMAL.replace("name = \"default\"\n", "");
-        assert!(one(&t).starts_with("line 5: `role.name` is missing"), "{}", one(&t));
+        assert!(
+            one(&t).starts_with("line 5: `role.name` is missing"),
+            "{}",
+            one(&t)
+        );
     }
 
     #[test]
@@ -1483,7 +1537,11 @@ colour = \"blue\"
 ";
         let p = problems(t);
         let lines: Vec<Option<usize>> = p.iter().map(|p| p.0).collect();
-        assert_eq!(lines, [Some(1), Some(4), Some(6), Some(9), Some(10)], "{p:#?}");
+        assert_eq!(
+            lines,
+            [Some(1), Some(4), Some(6), Some(9), Some(10)],
+            "{p:#?}"
+        );
         assert!(p[0].1.contains("without a scheme"), "{p:#?}");
         assert!(p[1].1.contains("timeout_seconds = 0"), "{p:#?}");
         assert!(p[2].1.contains("loopback"), "{p:#?}");
@@ -1527,14 +1585,22 @@ colour = \"blue\"
             "[::]:80",
         ] {
             let e = listen(bad).unwrap_err().to_string();
-            assert!(e.contains("line 6") && e.contains("not a loopback address"), "{bad}: {e}");
+            assert!(
+                e.contains("line 6") && e.contains("may bind: use loopback (127.0.0.0/8, ::1)"),
+                "{bad}: {e}"
+            );
             assert!(
                 e.contains("169.254.170.2, 169.254.170.23, [fd00:ec2::23] (SPEC §4.5)"),
                 "{e}"
             );
         }
         // The credentials API needs a port; garbage is named.
-        assert!(listen("127.0.0.1").unwrap_err().to_string().contains("not an address"));
+        assert!(
+            listen("127.0.0.1")
+                .unwrap_err()
+                .to_string()
+                .contains("not an address")
+        );
         assert!(listen("localhost:80").is_err());
     }
 
@@ -1574,8 +1640,10 @@ colour = \"blue\"
             );
         }
         // No region anywhere: none.
-        let t = with_serve("[serve.imds]\nlisten = \"127.0.0.1:2774\"")
-            .replace("abc.credentials.iot.eu-west-1.amazonaws.com", "localhost:8443");
+        let t = with_serve("[serve.imds]\nlisten = \"127.0.0.1:2774\"").replace(
+            "abc.credentials.iot.eu-west-1.amazonaws.com",
+            "localhost:8443",
+        );
         assert_eq!(parse(&t).unwrap().serve.imds.unwrap().region, None);
     }
 
@@ -1587,10 +1655,18 @@ colour = \"blue\"
             "line 5: `serve.imds.listen` is missing: give the address to listen on, e.g. \"127.0.0.1:2774\""
         );
         let e = imds("listen = \"0.0.0.0:80\"");
-        assert!(e.starts_with("line 6: serve.imds.listen = \"0.0.0.0:80\": 0.0.0.0 is not a loopback address"), "{e}");
+        assert!(
+            e.starts_with(
+                "line 6: serve.imds.listen = \"0.0.0.0:80\": 0.0.0.0 is not an address this listener may bind: use loopback"
+            ),
+            "{e}"
+        );
         assert!(e.contains("169.254.169.254, [fd00:ec2::254]"), "{e}");
         let e = imds("listen = \"127.0.0.1:1\"\nrole = \"nope\"");
-        assert_eq!(e, "line 7: serve.imds.role = \"nope\": no such [[role]]; roles: default");
+        assert_eq!(
+            e,
+            "line 7: serve.imds.role = \"nope\": no such [[role]]; roles: default"
+        );
         for bad in ["0", "256", "-1"] {
             let e = imds(&format!("listen = \"127.0.0.1:1\"\nhop_limit = {bad}"));
             assert!(e.starts_with("line 7: serve.imds.hop_limit"), "{e}");
@@ -1639,8 +1715,14 @@ colour = \"blue\"
         ] {
             assert_eq!(region(none), None, "{none}");
         }
-        assert_eq!(sts_region("sts.eu-west-1.amazonaws.com").as_deref(), Some("eu-west-1"));
-        assert_eq!(sts_region("sts.amazonaws.com").as_deref(), Some("us-east-1"));
+        assert_eq!(
+            sts_region("sts.eu-west-1.amazonaws.com").as_deref(),
+            Some("eu-west-1")
+        );
+        assert_eq!(
+            sts_region("sts.amazonaws.com").as_deref(),
+            Some("us-east-1")
+        );
         assert_eq!(
             sts_region("sts-fips.us-east-2.amazonaws.com").as_deref(),
             Some("us-east-2")
@@ -1656,20 +1738,35 @@ colour = \"blue\"
             assert!(parse_mode(bad).is_err(), "{bad}");
         }
         let e = one(&format!("timeout_seconds = 0\n{MINIMAL}"));
-        assert_eq!(e, "line 1: timeout_seconds = 0: use a whole number from 1 to 300");
+        assert_eq!(
+            e,
+            "line 1: timeout_seconds = 0: use a whole number from 1 to 300"
+        );
         let e = one(&MINIMAL.replace("GatewayRole\"", "GatewayRole\"\nduration_seconds = 60"));
-        assert!(e.starts_with("line 8: duration_seconds = 60: use 900 to 43200"), "{e}");
+        assert!(
+            e.starts_with("line 8: duration_seconds = 60: use 900 to 43200"),
+            "{e}"
+        );
         let e = one(&with_serve("[refresh]\nmode = \"lazy\""));
-        assert!(e.starts_with("line 6: refresh.mode") && e.contains("on-demand"), "{e}");
+        assert!(
+            e.starts_with("line 6: refresh.mode") && e.contains("on-demand"),
+            "{e}"
+        );
         let e = one(&with_serve("[refresh]\njitter_seconds = 3601"));
-        assert!(e.starts_with("line 6: refresh.jitter_seconds = 3601"), "{e}");
+        assert!(
+            e.starts_with("line 6: refresh.jitter_seconds = 3601"),
+            "{e}"
+        );
         let e = one(&with_serve("[serve]\nsocket_mode = \"777\"\nsocket = \"\""));
         assert!(e.starts_with("line 7: `serve.socket` is empty"), "{e}");
     }
 
     #[test]
     fn dirs() {
-        let c = parse(&format!("runtime_dir = \"run\"\nstate_dir = \"state\"\n{MINIMAL}")).unwrap();
+        let c = parse(&format!(
+            "runtime_dir = \"run\"\nstate_dir = \"state\"\n{MINIMAL}"
+        ))
+        .unwrap();
         assert_eq!(c.runtime_dir, PathBuf::from("/etc/iotcred/run"));
         assert_eq!(c.serve.socket, PathBuf::from("/etc/iotcred/run/agent.sock"));
         assert_eq!(c.state_dir, PathBuf::from("/etc/iotcred/state"));
@@ -1691,7 +1788,10 @@ colour = \"blue\"
             assert!(e.starts_with("line 6: role name"), "{e}");
         }
         let e = one(&MINIMAL.replace("role_alias = \"GatewayRole\"\n", ""));
-        assert!(e.starts_with("line 5: role \"default\": give role_alias"), "{e}");
+        assert!(
+            e.starts_with("line 5: role \"default\": give role_alias"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -1747,13 +1847,21 @@ colour = \"blue\"
         let c = Config::parse_with_env(&t, path, &env).unwrap();
         assert_eq!(c.proxy.unwrap().addr.to_string(), "[::1]:3128");
         let e = one(&format!("proxy = \"https://p:1\"\n{MINIMAL}"));
-        assert!(e.starts_with("line 1: proxy = \"https://p:1\": scheme \"https\""), "{e}");
+        assert!(
+            e.starts_with("line 1: proxy = \"https://p:1\": scheme \"https\""),
+            "{e}"
+        );
         let bad = ProxyEnv {
             https_proxy: Some("socks5://p".into()),
             no_proxy: None,
         };
-        let e = Config::parse_with_env(MINIMAL, path, &bad).unwrap_err().to_string();
-        assert!(e.contains("HTTPS_PROXY = \"socks5://p\"") && e.contains("set `proxy`"), "{e}");
+        let e = Config::parse_with_env(MINIMAL, path, &bad)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("HTTPS_PROXY = \"socks5://p\"") && e.contains("set `proxy`"),
+            "{e}"
+        );
     }
 
     const CHAINED: &str = r#"
@@ -1782,7 +1890,10 @@ assume_role_arn = "arn:aws:iam::210987654321:role/GatewayAnalytics"
             })
         );
         let sts = c.sts.unwrap();
-        assert_eq!(sts.endpoint.to_string(), "https://sts.eu-west-1.amazonaws.com/");
+        assert_eq!(
+            sts.endpoint.to_string(),
+            "https://sts.eu-west-1.amazonaws.com/"
+        );
         assert_eq!(sts.region, "eu-west-1");
         assert_eq!((sts.ca, sts.proxy), (None, None));
     }
@@ -1805,8 +1916,9 @@ assume_role_arn = "arn:aws:iam::210987654321:role/GatewayAnalytics"
         assert_eq!(sts.region, "us-east-2");
         assert_eq!(sts.ca, Some(PathBuf::from("/etc/iotcred/sts-ca.pem")));
         // Explicit region, custom endpoint, and a proxy for STS resolved on its own host.
-        let t = chained("[sts]\nendpoint = \"https://127.0.0.1:8443/\"\nregion = \"eu-central-1\"\n")
-            .replace("abc.credentials.iot.eu-west-1.amazonaws.com", "localhost");
+        let t =
+            chained("[sts]\nendpoint = \"https://127.0.0.1:8443/\"\nregion = \"eu-central-1\"\n")
+                .replace("abc.credentials.iot.eu-west-1.amazonaws.com", "localhost");
         let env = ProxyEnv {
             https_proxy: Some("http://p:1".into()),
             no_proxy: Some("localhost".into()),
@@ -1831,26 +1943,60 @@ assume_role_arn = "arn:aws:iam::210987654321:role/GatewayAnalytics"
         let e = one(&t);
         assert!(e.starts_with("chained roles need the STS region"), "{e}");
         let e = one(&format!("{t}[sts]\nendpoint = \"https://localhost:1\"\n"));
-        assert!(e.starts_with("line 14: chained roles need the STS region"), "{e}");
+        assert!(
+            e.starts_with("line 14: chained roles need the STS region"),
+            "{e}"
+        );
         // Without chained roles an [sts] without region is harmless.
         let t = MINIMAL.replace("abc.credentials.iot.eu-west-1.amazonaws.com", "localhost");
         assert_eq!(parse(&format!("{t}[sts]\n")).unwrap().sts, None);
         // [sts] alone, with a region, is kept.
-        assert_eq!(parse(&format!("{MINIMAL}[sts]\n")).unwrap().sts.unwrap().region, "eu-west-1");
-        let e = one(&format!("{MINIMAL}[sts]\nendpoint = \"http://sts.amazonaws.com\"\n"));
-        assert!(e.starts_with("line 9: sts.endpoint = \"http://sts.amazonaws.com\": use an https:// URL"), "{e}");
+        assert_eq!(
+            parse(&format!("{MINIMAL}[sts]\n"))
+                .unwrap()
+                .sts
+                .unwrap()
+                .region,
+            "eu-west-1"
+        );
+        let e = one(&format!(
+            "{MINIMAL}[sts]\nendpoint = \"http://sts.amazonaws.com\"\n"
+        ));
+        assert!(
+            e.starts_with(
+                "line 9: sts.endpoint = \"http://sts.amazonaws.com\": use an https:// URL"
+            ),
+            "{e}"
+        );
         let e = one(&format!("{MINIMAL}[sts]\nregion = \"EU\"\n"));
         assert!(e.starts_with("line 9: sts.region"), "{e}");
     }
 
     #[test]
     fn chained_role_errors() {
-        let e = one(&chained("").replace("arn:aws:iam::210987654321:role/GatewayAnalytics", "arn:aws:iam::2109:role/X"));
-        assert!(e.starts_with("line 13: assume_role_arn = \"arn:aws:iam::2109:role/X\": use an IAM role ARN"), "{e}");
-        let e = one(&chained("").replace("assume_role_arn = \"arn:aws:iam::210987654321:role/GatewayAnalytics\"\n", ""));
-        assert!(e.starts_with("line 10: `role.assume_role_arn` is missing"), "{e}");
+        let e = one(&chained("").replace(
+            "arn:aws:iam::210987654321:role/GatewayAnalytics",
+            "arn:aws:iam::2109:role/X",
+        ));
+        assert!(
+            e.starts_with(
+                "line 13: assume_role_arn = \"arn:aws:iam::2109:role/X\": use an IAM role ARN"
+            ),
+            "{e}"
+        );
+        let e = one(&chained("").replace(
+            "assume_role_arn = \"arn:aws:iam::210987654321:role/GatewayAnalytics\"\n",
+            "",
+        ));
+        assert!(
+            e.starts_with("line 10: `role.assume_role_arn` is missing"),
+            "{e}"
+        );
         let e = one(&chained("session_name = \"a b\"\n"));
-        assert!(e.starts_with("line 14: session_name = \"a b\": ' ' is not allowed"), "{e}");
+        assert!(
+            e.starts_with("line 14: session_name = \"a b\": ' ' is not allowed"),
+            "{e}"
+        );
         let e = one(&chained("session_name = \"a\"\n"));
         assert!(e.contains("use 2 to 64 characters, not 1"), "{e}");
         let e = one(&chained("external_id = \"x\"\n"));
@@ -1859,19 +2005,36 @@ assume_role_arn = "arn:aws:iam::210987654321:role/GatewayAnalytics"
         assert!(!e.contains("a b"), "the external id is not echoed: {e}");
         for bad in ["899", "3601"] {
             let e = one(&chained(&format!("duration_seconds = {bad}\n")));
-            assert!(e.starts_with(&format!("line 14: role.duration_seconds = {bad}: use a whole number from 900 to 3600")), "{e}");
+            assert!(
+                e.starts_with(&format!(
+                    "line 14: role.duration_seconds = {bad}: use a whole number from 900 to 3600"
+                )),
+                "{e}"
+            );
         }
         // The session name defaults to the thing name: it must exist and be a valid one.
         let no_thing = format!("{MINIMAL}{CHAINED}");
         let e = one(&no_thing);
-        assert!(e.starts_with("line 11: a chained role needs a session name"), "{e}");
+        assert!(
+            e.starts_with("line 11: a chained role needs a session name"),
+            "{e}"
+        );
         let e = one(&chained("").replace("gateway-0042", "gw:1"));
-        assert!(e.contains("thing_name \"gw:1\"") && e.contains("set session_name"), "{e}");
+        assert!(
+            e.contains("thing_name \"gw:1\"") && e.contains("set session_name"),
+            "{e}"
+        );
         // One kind or the other.
         let e = one(&chained("role_alias = \"X\"\n"));
-        assert!(e.starts_with("line 12: a role has either role_alias"), "{e}");
+        assert!(
+            e.starts_with("line 12: a role has either role_alias"),
+            "{e}"
+        );
         let e = one(&format!("{MINIMAL}session_name = \"s1\"\n"));
-        assert!(e.starts_with("line 8: session_name is for chained roles"), "{e}");
+        assert!(
+            e.starts_with("line 8: session_name is for chained roles"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -1908,9 +2071,16 @@ assume_role_arn = "arn:aws:iam::210987654321:role/GatewayAnalytics"
     #[test]
     fn source_roles_exist_and_do_not_cycle() {
         let e = one(&chained("").replace("source_role = \"default\"", "source_role = \"nope\""));
-        assert!(e.starts_with("line 12: source_role = \"nope\": no such [[role]]; roles: default"), "{e}");
-        let e = one(&chained("").replace("source_role = \"default\"", "source_role = \"analytics\""));
-        assert!(e.starts_with("line 12: source_role = \"analytics\": a role cannot be its own source"), "{e}");
+        assert!(
+            e.starts_with("line 12: source_role = \"nope\": no such [[role]]; roles: default"),
+            "{e}"
+        );
+        let e =
+            one(&chained("").replace("source_role = \"default\"", "source_role = \"analytics\""));
+        assert!(
+            e.starts_with("line 12: source_role = \"analytics\": a role cannot be its own source"),
+            "{e}"
+        );
         // a -> b -> a, reported once; c -> a is fine by itself (its chain ends in the cycle).
         let arn = "assume_role_arn = \"arn:aws:iam::210987654321:role/R\"";
         let t = format!(

@@ -302,9 +302,10 @@ async fn reload(
             continue;
         };
         let unchanged = |n: &crate::config::Role| {
-            old_config.roles.iter().any(|o| {
-                o.name == n.name && o.source == n.source
-            })
+            old_config
+                .roles
+                .iter()
+                .any(|o| o.name == n.name && o.source == n.source)
         };
         if same_identity
             && new_config

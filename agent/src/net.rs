@@ -385,7 +385,10 @@ mod tests {
         assert!(matches!(hp("[zz]:1"), Err(AddressError::Ipv6(_))));
         assert!(matches!(hp("[::1]x"), Err(AddressError::Port(_))));
         for bad_port in ["a.b:0", "a.b:x", "a.b:", "a.b:65536", "a.b:+1"] {
-            assert!(matches!(hp(bad_port), Err(AddressError::Port(_))), "{bad_port}");
+            assert!(
+                matches!(hp(bad_port), Err(AddressError::Port(_))),
+                "{bad_port}"
+            );
         }
         for bad_host in ["-a.b", "a..b", ".a", "a b", "a/b", "ä.com", ":1"] {
             assert!(hp(bad_host).is_err(), "{bad_host}");
@@ -398,7 +401,10 @@ mod tests {
 
     #[test]
     fn display_adds_brackets() {
-        assert_eq!(HostPort::parse("[::1]", 80).unwrap().to_string(), "[::1]:80");
+        assert_eq!(
+            HostPort::parse("[::1]", 80).unwrap().to_string(),
+            "[::1]:80"
+        );
         assert_eq!(HostPort::parse("h", 80).unwrap().to_string(), "h:80");
         let ip = HostPort::parse("[fd00:ec2::23]:1", 80).unwrap().ip();
         assert_eq!(ip, Some("fd00:ec2::23".parse().unwrap()));
@@ -456,7 +462,11 @@ mod tests {
             no_proxy: Some("localhost, .internal".into()),
         };
         assert_eq!(
-            env.proxy_for("a.amazonaws.com").unwrap().unwrap().addr.host(),
+            env.proxy_for("a.amazonaws.com")
+                .unwrap()
+                .unwrap()
+                .addr
+                .host(),
             "proxy"
         );
         assert_eq!(env.proxy_for("x.internal").unwrap(), None);

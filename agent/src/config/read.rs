@@ -121,7 +121,9 @@ impl<'t, 'i> Table<'t, 'i> {
         }
     }
 
-    fn entries(&self) -> impl Iterator<Item = (&'t Spanned<DeString<'i>>, &'t Spanned<DeValue<'i>>)> {
+    fn entries(
+        &self,
+    ) -> impl Iterator<Item = (&'t Spanned<DeString<'i>>, &'t Spanned<DeValue<'i>>)> {
         self.table.into_iter().flat_map(|t| t.iter())
     }
 
@@ -294,7 +296,11 @@ impl<'t, 'i> Table<'t, 'i> {
             return Vec::new();
         };
         let Some(items) = v.get_ref().as_array() else {
-            self.wrong_type(key, v, &format!("an array of tables ([[{}]])", self.key_name(key)));
+            self.wrong_type(
+                key,
+                v,
+                &format!("an array of tables ([[{}]])", self.key_name(key)),
+            );
             return Vec::new();
         };
         let mut out = Vec::new();
