@@ -9,10 +9,12 @@
 //! untimed call (connection and TLS set-up), N calls are timed one by one; prints one JSON line
 //! `{"samples_us":[…]}`.
 
-use std::path::Path;
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use iotcred_agent::sts::{AssumeRole, StsClient, StsEndpoint};
+use iotcred_agent::config::Sts;
+use iotcred_agent::net::HttpsUrl;
+use iotcred_agent::sts::{AssumeRole, StsClient};
 use iotcred_core::{Credentials, Secret, UnixTime};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -39,12 +41,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let client = StsClient::new(
-        StsEndpoint::parse_url(url, region)?,
-        Some(Path::new(ca)),
-        None,
-        Duration::from_secs(30),
-    )?;
+    let sts = Sts {
+        endpoint: HttpsUrl::parse(url)?,
+        region: region.clone(),
+        ca: Some(PathBuf::from(ca)),
+        proxy: None,
+    };
+    let client = StsClient::new(&sts, Duration::from_secs(30))?;
     let samples = runtime.block_on(async {
         client.assume_role(&source, &role).await?;
         let mut samples = Vec::with_capacity(n);

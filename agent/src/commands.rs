@@ -3,16 +3,16 @@
 
 use std::io::Write;
 use std::path::Path;
-use std::sync::Arc;
 
 use iotcred_core::UnixTime;
 use iotcred_core::render::Format;
 
-use crate::config::{self, Config};
+use crate::config::{self, Config, RoleSource};
 use crate::exit::Exit;
-use crate::source::Obtained;
+use crate::source::{BoxFuture, Obtained, SourceError};
+use crate::sts::{AssumeRole, ChainedError, StsClient};
 use crate::tls::{self, Identity};
-use crate::upstream::{RoleRequest, Upstream};
+use crate::upstream::Upstream;
 use iotcred_core::schedule::ScheduleConfig;
 
 /// Logs to stderr; level from `IOTCRED_LOG` (a level such as `debug`, or `target=level`
@@ -53,10 +53,16 @@ fn fail(code: Exit, message: impl std::fmt::Display) -> Exit {
     code
 }
 
-/// Loads the configuration named by `--config` / `IOTCRED_CONFIG` / the default.
+/// Loads the configuration named by `--config` / `IOTCRED_CONFIG` / the default; on failure
+/// prints every problem, one line each.
 pub fn load_config(path: Option<&Path>) -> Result<Config, Exit> {
     let path = config::resolve_path(path);
-    Config::load(&path).map_err(|e| fail(Exit::Config, e))
+    Config::load(&path).map_err(|e| {
+        for line in e.lines() {
+            eprintln!("iotcred: {line}");
+        }
+        Exit::Config
+    })
 }
 
 fn load_identity(config: &Config) -> Result<Identity, Exit> {
@@ -70,15 +76,66 @@ fn runtime() -> Result<tokio::runtime::Runtime, Exit> {
         .map_err(|e| fail(Exit::Other, format!("cannot start the runtime: {e}")))
 }
 
-/// One exchange for `role`, refused (like the agent would) when the credentials could not be
-/// served: a command never hands out what the agent would not.
-async fn fetch_role(upstream: &Upstream, role: &config::Role) -> Result<Obtained, Exit> {
-    let req = RoleRequest {
-        role_alias: role.role_alias.clone(),
-        duration: role.duration,
-    };
-    let obtained = upstream
-        .fetch(&req)
+/// Where the commands obtain credentials, like the agent: the credentials provider, and STS for
+/// chained roles.
+struct Sources<'a> {
+    config: &'a Config,
+    upstream: Upstream,
+    sts: Option<StsClient>,
+}
+
+impl<'a> Sources<'a> {
+    fn new(config: &'a Config, identity: Identity) -> Result<Sources<'a>, Exit> {
+        let sts = config
+            .sts
+            .as_ref()
+            .map(|s| StsClient::new(s, config.timeout))
+            .transpose()
+            .map_err(|e| fail(Exit::Config, e))?;
+        Ok(Sources {
+            config,
+            upstream: Upstream::new(config, identity.client_config),
+            sts,
+        })
+    }
+
+    /// `role`'s credentials: from the provider, or for a chained role from STS, signed with its
+    /// source role's credentials (obtained the same way first).
+    fn obtain<'b>(
+        &'b self,
+        role: &'b config::Role,
+    ) -> BoxFuture<'b, Result<Obtained, SourceError>> {
+        Box::pin(async move {
+            match &role.source {
+                RoleSource::Provider(p) => Ok(self.upstream.fetch(p).await?),
+                RoleSource::Chained(c) => {
+                    let missing = |what: &str| ChainedError::SourceUnavailable {
+                        source_role: c.source_role.clone(),
+                        reason: Some(what.into()),
+                    };
+                    let (_, source) = self
+                        .config
+                        .role(Some(&c.source_role))
+                        .ok_or_else(|| missing("no such role"))?;
+                    let sts = self.sts.as_ref().ok_or_else(|| missing("no [sts]"))?;
+                    let source = self.obtain(source).await?;
+                    let obtained = sts
+                        .assume_role(&source.credentials, &AssumeRole::new(c))
+                        .await
+                        .map_err(ChainedError::from)?;
+                    Ok(obtained)
+                }
+            }
+        })
+    }
+}
+
+/// One exchange for `role` (for a chained role, one per role of its chain), refused (like the
+/// agent would) when the credentials could not be served: a command never hands out what the
+/// agent would not.
+async fn fetch_role(sources: &Sources<'_>, role: &config::Role) -> Result<Obtained, Exit> {
+    let obtained = sources
+        .obtain(role)
         .await
         .map_err(|e| fail(e.class().into(), format!("role {}: {e}", role.name)))?;
     ScheduleConfig::default()
@@ -109,9 +166,8 @@ pub fn fetch(config: Option<&Path>, role: Option<&str>, format: Format) -> Exit 
             )
         })?;
         let identity = load_identity(&config)?;
-        let upstream =
-            Upstream::new(&config, identity.client_config).map_err(|e| fail(Exit::Config, e))?;
-        let fetched = runtime()?.block_on(fetch_role(&upstream, role))?;
+        let sources = Sources::new(&config, identity)?;
+        let fetched = runtime()?.block_on(fetch_role(&sources, role))?;
         let text = format.render(&role.name, &fetched.credentials, wall_expiration(&fetched));
         let mut out = std::io::stdout().lock();
         out.write_all(text.as_bytes())
@@ -173,20 +229,30 @@ pub fn check(config: Option<&Path>, do_fetch: bool) -> Exit {
             Some(ca) => println!("trust anchors: {}", ca.display()),
             None => println!("trust anchors: built-in Amazon roots"),
         }
-        println!(
-            "endpoint: {}:{}",
-            config.endpoint.host, config.endpoint.port
-        );
+        println!("endpoint: {}", config.endpoint);
+        if let Some(p) = &config.proxy {
+            println!("proxy: {}", p.addr);
+        }
+        if let Some(imds) = &config.serve.imds {
+            println!(
+                "imds: {} serves role {} (hop limit {}, region {})",
+                imds.listen,
+                imds.role,
+                imds.hop_limit,
+                imds.region.as_deref().unwrap_or("none")
+            );
+        }
+        if let Some(sts) = &config.sts {
+            println!("sts: {} (region {})", sts.endpoint, sts.region);
+        }
         if !do_fetch {
             return Ok(());
         }
-        let upstream = Arc::new(
-            Upstream::new(&config, identity.client_config).map_err(|e| fail(Exit::Config, e))?,
-        );
+        let sources = Sources::new(&config, identity)?;
         let rt = runtime()?;
         let mut worst: Option<Exit> = None;
         for role in &config.roles {
-            match rt.block_on(fetch_role(&upstream, role)) {
+            match rt.block_on(fetch_role(&sources, role)) {
                 Ok(f) => {
                     let id = &f.credentials.access_key_id;
                     let last4: String = id

@@ -2,129 +2,22 @@
 //! ([`upstream`](crate::upstream)) and STS ([`sts`](crate::sts)): TCP (direct, or through an
 //! HTTP CONNECT proxy), TLS with rustls, and one idle connection kept for reuse.
 //!
-//! Callers turn [`ConnectError`] into their own errors, with hints that name their own
-//! configuration keys.
+//! Addresses and proxies come parsed from the configuration ([`crate::net`]). Callers turn
+//! [`ConnectError`] into their own errors, with hints that name their own configuration keys.
 
 use std::io;
 use std::sync::{Arc, Mutex};
 
 use rustls::ClientConfig;
-use rustls_pki_types::ServerName;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 
+use crate::net::{HostPort, Proxy, TlsServer};
+
 /// A TLS connection to an endpoint.
 pub type Conn = TlsStream<TcpStream>;
-
-/// An HTTP CONNECT proxy.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Proxy {
-    /// Proxy host.
-    pub host: String,
-    /// Proxy port.
-    pub port: u16,
-}
-
-impl Proxy {
-    /// Parses `http://host[:port][/]`. Only plain-HTTP CONNECT proxies are supported.
-    pub fn parse(url: &str) -> Result<Proxy, String> {
-        let rest = match url.split_once("://") {
-            Some(("http", rest)) => rest,
-            Some((scheme, _)) => {
-                return Err(format!(
-                    "scheme {scheme:?} is not supported: use an http:// CONNECT proxy"
-                ));
-            }
-            None => url,
-        };
-        let rest = rest.trim_end_matches('/');
-        if rest.contains('@') {
-            return Err("credentials in the proxy URL are not supported".into());
-        }
-        if rest.contains('/') {
-            return Err(format!("{url:?}: give http://host:port"));
-        }
-        let ep = crate::config::parse_endpoint(rest)
-            .map_err(|_| format!("{url:?}: give http://host:port"))?;
-        let port = if rest.ends_with(']') || !rest.contains(':') {
-            3128
-        } else {
-            ep.port
-        };
-        Ok(Proxy {
-            host: ep.host,
-            port,
-        })
-    }
-
-    /// The proxy for `host` from `HTTPS_PROXY`/`https_proxy`, honouring `NO_PROXY`/`no_proxy`.
-    pub fn from_env(host: &str) -> Option<Proxy> {
-        let var = |names: &[&str]| {
-            names
-                .iter()
-                .find_map(|n| std::env::var(n).ok().filter(|v| !v.is_empty()))
-        };
-        let url = var(&["HTTPS_PROXY", "https_proxy"])?;
-        if let Some(no) = var(&["NO_PROXY", "no_proxy"]) {
-            if no_proxy_matches(&no, host) {
-                return None;
-            }
-        }
-        match Proxy::parse(&url) {
-            Ok(p) => Some(p),
-            Err(e) => {
-                tracing::warn!("ignoring HTTPS_PROXY: {e}");
-                None
-            }
-        }
-    }
-
-    /// The configured proxy (`proxy = …`, already validated) or the one from the environment
-    /// for `host`.
-    pub fn resolve(configured: Option<&str>, host: &str) -> Result<Option<Proxy>, String> {
-        match configured {
-            Some(url) => Proxy::parse(url).map(Some),
-            None => Ok(Proxy::from_env(host)),
-        }
-    }
-
-    fn target(&self) -> String {
-        host_port(&self.host, self.port)
-    }
-}
-
-/// `NO_PROXY` matching: `*`, exact host, or domain suffix (`.example.com` or `example.com`).
-pub fn no_proxy_matches(list: &str, host: &str) -> bool {
-    let host = host.to_ascii_lowercase();
-    list.split(',')
-        .map(|e| e.trim().to_ascii_lowercase())
-        .any(|e| {
-            if e.is_empty() {
-                return false;
-            }
-            if e == "*" {
-                return true;
-            }
-            let e = e
-                .split(':')
-                .next()
-                .unwrap_or("")
-                .trim_start_matches("*.")
-                .trim_start_matches('.');
-            host == e || host.ends_with(&format!(".{e}"))
-        })
-}
-
-/// `host:port`, with IPv6 literals in brackets.
-pub fn host_port(host: &str, port: u16) -> String {
-    if host.contains(':') {
-        format!("[{host}]:{port}")
-    } else {
-        format!("{host}:{port}")
-    }
-}
 
 /// Why a connection could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -163,50 +56,33 @@ pub enum ConnectError {
     },
 }
 
-/// The host name is neither a DNS name nor an IP address.
-#[derive(Debug, thiserror::Error)]
-#[error("{0:?} is not a valid DNS name or IP address")]
-pub struct InvalidHost(pub String);
-
 /// Connects to one endpoint and keeps one idle connection for the next request.
 pub struct Connector {
-    host: String,
-    port: u16,
-    server_name: ServerName<'static>,
+    server: TlsServer,
     tls: TlsConnector,
     proxy: Option<Proxy>,
     idle: Mutex<Option<Conn>>,
 }
 
 impl Connector {
-    /// A connector for `host:port` (SNI and certificate name: `host`), with `client_config`'s
+    /// A connector for `server` (SNI and certificate name: its host), with `client_config`'s
     /// trust anchors (and client certificate, if any), through `proxy` when given.
     pub fn new(
-        host: &str,
-        port: u16,
+        server: TlsServer,
         client_config: Arc<ClientConfig>,
         proxy: Option<Proxy>,
-    ) -> Result<Connector, InvalidHost> {
-        let server_name =
-            ServerName::try_from(host.to_string()).map_err(|_| InvalidHost(host.to_string()))?;
-        Ok(Connector {
-            host: host.to_string(),
-            port,
-            server_name,
+    ) -> Connector {
+        Connector {
+            server,
             tls: TlsConnector::from(client_config),
             proxy,
             idle: Mutex::new(None),
-        })
+        }
     }
 
-    /// The endpoint host.
-    pub fn host(&self) -> &str {
-        &self.host
-    }
-
-    /// The endpoint port.
-    pub fn port(&self) -> u16 {
-        self.port
+    /// The endpoint.
+    pub fn server(&self) -> &TlsServer {
+        &self.server
     }
 
     /// The proxy in use, if any.
@@ -216,7 +92,7 @@ impl Connector {
 
     /// `host:port` of the endpoint, for messages.
     pub fn target(&self) -> String {
-        host_port(&self.host, self.port)
+        self.server.to_string()
     }
 
     /// The idle connection kept from the last exchange, if any (the caller owns it now).
@@ -237,21 +113,20 @@ impl Connector {
     /// A new connection: TCP to the endpoint or to the proxy (then `CONNECT`), then TLS.
     pub async fn connect(&self) -> Result<Conn, ConnectError> {
         let tcp = match &self.proxy {
-            None => tcp_connect(&self.host, self.port).await?,
+            None => tcp_connect(self.server.addr()).await?,
             Some(p) => {
-                let mut s =
-                    tcp_connect(&p.host, p.port)
-                        .await
-                        .map_err(|e| ConnectError::Proxy {
-                            proxy: p.target(),
-                            message: e.to_string(),
-                        })?;
+                let mut s = tcp_connect(&p.addr)
+                    .await
+                    .map_err(|e| ConnectError::Proxy {
+                        proxy: p.addr.to_string(),
+                        message: e.to_string(),
+                    })?;
                 proxy_connect(&mut s, p, &self.target()).await?;
                 s
             }
         };
         self.tls
-            .connect(self.server_name.clone(), tcp)
+            .connect(self.server.server_name().clone(), tcp)
             .await
             .map_err(|source| ConnectError::Tls {
                 target: self.target(),
@@ -284,11 +159,11 @@ pub fn closed_by_peer(e: &io::Error) -> bool {
     )
 }
 
-async fn tcp_connect(host: &str, port: u16) -> Result<TcpStream, ConnectError> {
-    let addrs: Vec<_> = tokio::net::lookup_host((host, port))
+async fn tcp_connect(addr: &HostPort) -> Result<TcpStream, ConnectError> {
+    let addrs: Vec<_> = tokio::net::lookup_host((addr.host(), addr.port()))
         .await
         .map_err(|source| ConnectError::Resolve {
-            host: host.to_string(),
+            host: addr.host().to_string(),
             source,
         })?
         .collect();
@@ -303,14 +178,14 @@ async fn tcp_connect(host: &str, port: u16) -> Result<TcpStream, ConnectError> {
         }
     }
     Err(ConnectError::Connect {
-        target: host_port(host, port),
+        target: addr.to_string(),
         source: last,
     })
 }
 
 async fn proxy_connect(s: &mut TcpStream, proxy: &Proxy, target: &str) -> Result<(), ConnectError> {
     let perr = |message: String| ConnectError::Proxy {
-        proxy: proxy.target(),
+        proxy: proxy.addr.to_string(),
         message,
     };
     let req = format!(
@@ -341,44 +216,5 @@ async fn proxy_connect(s: &mut TcpStream, proxy: &Proxy, target: &str) -> Result
             None => Err(perr("malformed response".into())),
         },
         _ => Err(perr("malformed response to CONNECT".into())),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn proxy_urls() {
-        assert_eq!(
-            Proxy::parse("http://p.local:3128").unwrap(),
-            Proxy {
-                host: "p.local".into(),
-                port: 3128
-            }
-        );
-        assert_eq!(Proxy::parse("http://p.local/").unwrap().port, 3128);
-        assert_eq!(Proxy::parse("p:8080").unwrap().port, 8080);
-        assert!(Proxy::parse("https://p:1").is_err());
-        assert!(Proxy::parse("http://u:pw@p:1").is_err());
-    }
-
-    #[test]
-    fn no_proxy() {
-        assert!(no_proxy_matches("*", "x.y"));
-        assert!(no_proxy_matches(
-            "a.com, .amazonaws.com",
-            "c2.credentials.iot.eu-west-1.amazonaws.com"
-        ));
-        assert!(no_proxy_matches("amazonaws.com", "x.amazonaws.com"));
-        assert!(no_proxy_matches("localhost,127.0.0.1", "127.0.0.1"));
-        assert!(!no_proxy_matches("amazonaws.com", "notamazonaws.com"));
-        assert!(!no_proxy_matches("", "x"));
-    }
-
-    #[test]
-    fn host_ports() {
-        assert_eq!(host_port("::1", 443), "[::1]:443");
-        assert_eq!(host_port("a.b", 8443), "a.b:8443");
     }
 }

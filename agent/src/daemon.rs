@@ -11,13 +11,14 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
-use crate::config::{Config, Role};
+use crate::config::{Config, Role, RoleSource};
 use crate::exit::Exit;
 use crate::metrics::Metrics;
 use crate::refresh::{Refresher, schedule_config};
 use crate::source::{ProviderSource, Source};
 use crate::state::{Clock, RoleHandle, RolePublisher, role_channel};
-use crate::upstream::{RoleRequest, Upstream};
+use crate::sts::{AssumeRole, ChainedSource, StsClient};
+use crate::upstream::Upstream;
 use crate::{sdnotify, server, tls};
 
 /// How long in-flight local requests may take to finish after SIGTERM.
@@ -40,31 +41,41 @@ pub(crate) struct RoleSet {
 
 impl RoleSet {
     /// Starts a refresher for every role of `roles`, in order. A role whose publisher is in
-    /// `carried` continues with its schedule and credentials; the others start empty.
+    /// `carried` continues with its schedule and credentials; the others start empty. Every
+    /// role's handle exists before any source is made, so a chained role's source can watch
+    /// its source role whatever their order.
     pub(crate) fn start(
         roles: &[Role],
         config: ScheduleConfig,
         clock: Clock,
         metrics: &Arc<Metrics>,
         mut carried: Vec<RolePublisher>,
-        mut source_for: impl FnMut(&Role) -> Arc<dyn Source>,
+        mut source_for: impl FnMut(&Role, &[RoleHandle]) -> Arc<dyn Source>,
     ) -> RoleSet {
         let (stop, stop_rx) = watch::channel(false);
         let mut tasks = JoinSet::new();
-        let mut handles = Vec::with_capacity(roles.len());
-        for role in roles {
-            let publisher = match carried.iter().position(|p| p.name() == role.name) {
-                Some(i) => {
-                    let publisher = carried.swap_remove(i);
-                    publisher.carry_over(config);
-                    publisher
-                }
-                None => role_channel(&role.name, config, clock, &[], &[]).0,
-            };
-            handles.push(publisher.handle(&role.allow_uids, &role.allow_gids));
+        let publishers: Vec<RolePublisher> = roles
+            .iter()
+            .map(
+                |role| match carried.iter().position(|p| p.name() == role.name) {
+                    Some(i) => {
+                        let publisher = carried.swap_remove(i);
+                        publisher.carry_over(config);
+                        publisher
+                    }
+                    None => role_channel(&role.name, config, clock, &[], &[]).0,
+                },
+            )
+            .collect();
+        let handles: Vec<RoleHandle> = roles
+            .iter()
+            .zip(&publishers)
+            .map(|(role, p)| p.handle(&role.allow_uids, &role.allow_gids))
+            .collect();
+        for (role, publisher) in roles.iter().zip(publishers) {
             let refresher = Refresher {
                 index: metrics.role_index(&role.name).unwrap_or(usize::MAX),
-                source: source_for(role),
+                source: source_for(role, &handles),
                 files: role.files.clone(),
                 publisher,
                 metrics: metrics.clone(),
@@ -97,9 +108,10 @@ impl RoleSet {
 }
 
 /// The roles of `stopped` (the old generation's) that the new generation continues: those
-/// with the same name and the same source of credentials (role alias and duration). When the
-/// device identity changed, their credentials stay servable while valid, but are refreshed
-/// at once with the new identity.
+/// with the same name and the same source of credentials (role alias and duration, or the same
+/// chained role). When the device identity changed, the credentials of provider roles stay
+/// servable while valid, but are refreshed at once with the new identity (chained roles'
+/// credentials come from STS and do not depend on it).
 pub(crate) fn carried(
     old: &[Role],
     new: &[Role],
@@ -109,33 +121,65 @@ pub(crate) fn carried(
     let same = |name: &str| {
         let o = old.iter().find(|r| r.name == name)?;
         let n = new.iter().find(|r| r.name == name)?;
-        same_source(o, n).then_some(())
+        (o.source == n.source).then_some(n)
     };
     stopped
         .into_iter()
-        .filter(|p| same(p.name()).is_some())
-        .inspect(|p| {
-            if identity_changed {
+        .filter_map(|p| {
+            let role = same(p.name())?;
+            if identity_changed && matches!(role.source, RoleSource::Provider(_)) {
                 p.handle_stale();
             }
+            Some(p)
         })
         .collect()
 }
 
-/// Whether two roles ask for the same credentials.
-fn same_source(a: &Role, b: &Role) -> bool {
-    a.role_alias == b.role_alias && a.duration == b.duration
+/// What the roles' sources run on: the device's upstream, and STS for chained roles.
+#[derive(Debug)]
+struct Backends {
+    upstream: Arc<Upstream>,
+    sts: Option<Arc<StsClient>>,
+    /// How long a chained role waits for its source role's credentials.
+    wait: Duration,
 }
 
-/// The source of a role on the device's upstream.
-fn source_for(upstream: &Arc<Upstream>, role: &Role) -> Arc<dyn Source> {
-    Arc::new(ProviderSource::new(
-        upstream.clone(),
-        RoleRequest {
-            role_alias: role.role_alias.clone(),
-            duration: role.duration,
-        },
-    ))
+impl Backends {
+    fn new(config: &Config, identity: tls::Identity) -> Result<Backends, String> {
+        let sts = match &config.sts {
+            Some(s) => Some(Arc::new(
+                StsClient::new(s, config.timeout).map_err(|e| e.to_string())?,
+            )),
+            None => None,
+        };
+        Ok(Backends {
+            upstream: Arc::new(Upstream::new(config, identity.client_config)),
+            sts,
+            wait: config.timeout,
+        })
+    }
+
+    /// The source of `role`; `handles` are every role's (a chained role reads its source's).
+    fn source_for(&self, role: &Role, handles: &[RoleHandle]) -> Arc<dyn Source> {
+        match &role.source {
+            RoleSource::Provider(p) => {
+                Arc::new(ProviderSource::new(self.upstream.clone(), p.clone()))
+            }
+            RoleSource::Chained(c) => {
+                let source = handles.iter().find(|h| *h.name == *c.source_role);
+                match (&self.sts, source) {
+                    (Some(sts), Some(source)) => Arc::new(ChainedSource::new(
+                        sts.clone(),
+                        AssumeRole::new(c),
+                        source.clone(),
+                        self.wait,
+                    )),
+                    // The configuration guarantees both; a source that always fails says so.
+                    _ => Arc::new(crate::sts::MissingSource::new(&c.source_role)),
+                }
+            }
+        }
+    }
 }
 
 /// Runs the agent until SIGTERM/SIGINT. Returns the exit code.
@@ -157,15 +201,15 @@ pub async fn run(config: Config) -> Exit {
     }
     tracing::info!(
         version = env!("CARGO_PKG_VERSION"),
-        endpoint = %format!("{}:{}", config.endpoint.host, config.endpoint.port),
+        endpoint = %config.endpoint,
         certificate = %identity.cert.subject,
         certificate_expires = %identity.cert.not_after.rfc3339(),
         key = %config.key,
         roles = config.roles.len(),
         "starting"
     );
-    let upstream = match Upstream::new(&config, identity.client_config) {
-        Ok(u) => Arc::new(u),
+    let backends = match Backends::new(&config, identity) {
+        Ok(b) => b,
         Err(e) => {
             eprintln!("iotcred: {e}");
             return Exit::Config;
@@ -182,7 +226,7 @@ pub async fn run(config: Config) -> Exit {
         clock,
         &metrics,
         Vec::new(),
-        |role| source_for(&upstream, role),
+        |role, handles| backends.source_for(role, handles),
     );
     let mut generation = Generation {
         config,
@@ -333,8 +377,8 @@ async fn reload(
             return old;
         }
     };
-    let upstream = match Upstream::new(&new_config, identity.client_config) {
-        Ok(u) => Arc::new(u),
+    let backends = match Backends::new(&new_config, identity) {
+        Ok(b) => b,
         Err(e) => {
             refuse(&e);
             return old;
@@ -373,7 +417,7 @@ async fn reload(
         clock,
         metrics,
         kept,
-        |role| source_for(&upstream, role),
+        |role, handles| backends.source_for(role, handles),
     );
     server.set_roles(roles.handles().to_vec());
     tracing::info!(roles = roles.handles().len(), "configuration reloaded");
@@ -505,7 +549,7 @@ mod tests {
             Clock::new(),
             &metrics,
             carried,
-            |_| source.clone(),
+            |_, _| source.clone(),
         )
     }
 

@@ -17,7 +17,6 @@
 
 use std::fmt::Write as _;
 use std::io;
-use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
@@ -33,7 +32,9 @@ use rustls::ClientConfig;
 use tokio::time::Instant;
 use zeroize::{Zeroize, Zeroizing};
 
-use crate::connect::{Conn, ConnectError, Connector, Proxy, closed_by_peer, tls_cause};
+use crate::config::{ChainedRole, Sts};
+use crate::connect::{Conn, ConnectError, Connector, closed_by_peer, tls_cause};
+use crate::net::HttpsUrl;
 use crate::source::{BoxFuture, Obtained, Source, SourceError};
 use crate::state::{RoleHandle, Served};
 
@@ -48,79 +49,6 @@ pub const MIN_SECONDS: u32 = 900;
 
 /// STS's `Message` is kept up to this many characters.
 const MAX_MESSAGE_CHARS: usize = 256;
-
-/// Where STS is: `host`, `port` (HTTPS) and the region the requests are signed for.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct StsEndpoint {
-    /// Host name or IP address (no brackets).
-    pub host: String,
-    /// TCP port.
-    pub port: u16,
-    /// Signing region.
-    pub region: String,
-}
-
-impl StsEndpoint {
-    /// The regional endpoint `sts.<region>.amazonaws.com` (`.amazonaws.com.cn` in China).
-    pub fn regional(region: &str) -> StsEndpoint {
-        let suffix = if region.starts_with("cn-") {
-            "amazonaws.com.cn"
-        } else {
-            "amazonaws.com"
-        };
-        StsEndpoint {
-            host: format!("sts.{region}.{suffix}"),
-            port: 443,
-            region: region.to_string(),
-        }
-    }
-
-    /// Parses `https://host[:port][/]` (the only scheme: credentials never travel in clear).
-    pub fn parse_url(url: &str, region: &str) -> Result<StsEndpoint, String> {
-        let rest = url.strip_prefix("https://").ok_or_else(|| {
-            format!("{url:?}: give an https:// URL, e.g. \"https://sts.eu-west-1.amazonaws.com\"")
-        })?;
-        let rest = rest.strip_suffix('/').unwrap_or(rest);
-        if rest.contains(['/', '?', '#', '@']) {
-            return Err(format!(
-                "{url:?}: give only https://host[:port], without path, query or user"
-            ));
-        }
-        let ep = crate::config::parse_endpoint(rest).map_err(|e| format!("{url:?}: {e}"))?;
-        Ok(StsEndpoint {
-            host: ep.host,
-            port: ep.port,
-            region: region.to_string(),
-        })
-    }
-
-    /// `Host` header value: the host, with `:port` when it is not 443.
-    fn host_header(&self) -> String {
-        let host = if self.host.contains(':') {
-            format!("[{}]", self.host)
-        } else {
-            self.host.clone()
-        };
-        if self.port == 443 {
-            host
-        } else {
-            format!("{host}:{}", self.port)
-        }
-    }
-}
-
-/// The region of an AWS IoT credentials endpoint `<prefix>.credentials.iot.<region>.amazonaws.com`
-/// (or `.amazonaws.com.cn`), the default region of STS.
-pub fn region_of_iot_endpoint(host: &str) -> Option<&str> {
-    let (_, rest) = host.split_once(".credentials.iot.")?;
-    let (region, domain) = rest.split_once('.')?;
-    let valid = !region.is_empty()
-        && region
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && (domain == "amazonaws.com" || domain == "amazonaws.com.cn");
-    valid.then_some(region)
-}
 
 /// What one chained role asks STS for.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -138,6 +66,17 @@ pub struct AssumeRole {
 }
 
 impl AssumeRole {
+    /// The call of chained role `chained`.
+    pub fn new(chained: &ChainedRole) -> AssumeRole {
+        AssumeRole {
+            source_role: chained.source_role.clone(),
+            role_arn: chained.role_arn.clone(),
+            session_name: chained.session_name.clone(),
+            external_id: chained.external_id.clone(),
+            duration_seconds: u32::try_from(chained.duration.as_secs()).unwrap_or(u32::MAX),
+        }
+    }
+
     /// The form body of the call.
     pub fn body(&self) -> String {
         let duration = self
@@ -329,7 +268,8 @@ pub enum ProtocolError {
 /// The STS client of one agent: endpoint, TLS, proxy, one kept-alive connection, and the
 /// clock offset learned from STS.
 pub struct StsClient {
-    endpoint: StsEndpoint,
+    endpoint: HttpsUrl,
+    region: String,
     host_header: String,
     conn: Connector,
     timeout: Duration,
@@ -340,7 +280,8 @@ pub struct StsClient {
 impl std::fmt::Debug for StsClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("StsClient")
-            .field("endpoint", &self.endpoint)
+            .field("endpoint", &self.endpoint.to_string())
+            .field("region", &self.region)
             .field("conn", &self.conn)
             .field("timeout", &self.timeout)
             .finish_non_exhaustive()
@@ -353,12 +294,6 @@ pub enum StsSetupError {
     /// The trust anchors cannot be loaded.
     #[error("[sts] {0}")]
     Ca(#[from] crate::tls::IdentityError),
-    /// The endpoint host is not usable.
-    #[error("[sts] endpoint: {0}")]
-    Endpoint(String),
-    /// The proxy URL is not usable.
-    #[error("proxy: {0}")]
-    Proxy(String),
 }
 
 /// One outcome of a single signed call.
@@ -371,15 +306,10 @@ enum Attempt {
 }
 
 impl StsClient {
-    /// A client for `endpoint`, trusting `ca` (PEM; default: the built-in Amazon roots),
-    /// through `proxy` (a configured `http://` URL; default: `HTTPS_PROXY`/`NO_PROXY`).
-    pub fn new(
-        endpoint: StsEndpoint,
-        ca: Option<&Path>,
-        proxy: Option<&str>,
-        timeout: Duration,
-    ) -> Result<StsClient, StsSetupError> {
-        let roots = crate::tls::root_store(ca)?;
+    /// A client for `[sts]` (endpoint, signing region, trust anchors — default: the built-in
+    /// Amazon roots — and proxy, as parsed at load time); `timeout` bounds each call.
+    pub fn new(sts: &Sts, timeout: Duration) -> Result<StsClient, StsSetupError> {
+        let roots = crate::tls::root_store(sts.ca.as_deref())?;
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let mut cfg = ClientConfig::builder_with_provider(provider)
             .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
@@ -387,20 +317,30 @@ impl StsClient {
             .with_root_certificates(roots)
             .with_no_client_auth();
         cfg.enable_sni = true;
-        let proxy = Proxy::resolve(proxy, &endpoint.host).map_err(StsSetupError::Proxy)?;
-        let conn = Connector::new(&endpoint.host, endpoint.port, Arc::new(cfg), proxy)
-            .map_err(|e| StsSetupError::Endpoint(e.to_string()))?;
+        let server = sts.endpoint.server();
+        let addr = server.addr();
+        let host = if addr.host().contains(':') {
+            format!("[{}]", addr.host())
+        } else {
+            addr.host().to_string()
+        };
+        let host_header = if addr.port() == 443 {
+            host
+        } else {
+            format!("{host}:{}", addr.port())
+        };
         Ok(StsClient {
-            host_header: endpoint.host_header(),
-            endpoint,
-            conn,
+            endpoint: sts.endpoint.clone(),
+            region: sts.region.clone(),
+            host_header,
+            conn: Connector::new(server.clone(), Arc::new(cfg), sts.proxy.clone()),
             timeout,
             skew: AtomicI64::new(0),
         })
     }
 
     /// The endpoint.
-    pub fn endpoint(&self) -> &StsEndpoint {
+    pub fn endpoint(&self) -> &HttpsUrl {
         &self.endpoint
     }
 
@@ -503,7 +443,7 @@ impl StsClient {
         ];
         let signable = SignableRequest {
             method: "POST",
-            path: "/",
+            path: self.endpoint.path(),
             query: "",
             headers: &headers,
             payload: Payload::Bytes(body.as_bytes()),
@@ -514,7 +454,7 @@ impl StsClient {
         );
         let params = SigningParams {
             credentials: source.into(),
-            region: &self.endpoint.region,
+            region: &self.region,
             service: "sts",
             time,
             settings: Settings::DEFAULT,
@@ -523,7 +463,8 @@ impl StsClient {
         let mut head = Zeroizing::new(String::with_capacity(1024 + body.len()));
         let _ = write!(
             head,
-            "POST / HTTP/1.1\r\nHost: {}\r\nUser-Agent: {}\r\nContent-Type: {CONTENT_TYPE}\r\nContent-Length: {}\r\nAccept: text/xml\r\n",
+            "POST {} HTTP/1.1\r\nHost: {}\r\nUser-Agent: {}\r\nContent-Type: {CONTENT_TYPE}\r\nContent-Length: {}\r\nAccept: text/xml\r\n",
+            self.endpoint.path(),
             self.host_header,
             crate::USER_AGENT,
             body.len()
@@ -590,7 +531,7 @@ impl StsClient {
         if response.keep_alive {
             self.conn.keep_idle(stream.into_inner());
         }
-        match interpret(&response, arrived_wall, source, role, &self.endpoint.region) {
+        match interpret(&response, arrived_wall, source, role, &self.region) {
             Interpreted::Issued(issued) => Attempt::Done(Ok(Obtained {
                 credentials: issued.credentials,
                 lifetime: issued.lifetime,
@@ -1051,6 +992,35 @@ impl Source for ChainedSource {
     }
 }
 
+/// The source of a chained role whose source role or `[sts]` is missing: never the case for a
+/// configuration that loaded (it checks both), so this only keeps the wiring total. Every fetch
+/// fails, saying so.
+#[derive(Debug)]
+pub struct MissingSource {
+    source_role: String,
+}
+
+impl MissingSource {
+    /// For a chained role whose source is `source_role`.
+    pub fn new(source_role: &str) -> MissingSource {
+        MissingSource {
+            source_role: source_role.to_string(),
+        }
+    }
+}
+
+impl Source for MissingSource {
+    fn fetch(&self) -> BoxFuture<'_, Result<Obtained, SourceError>> {
+        Box::pin(async move {
+            Err(ChainedError::SourceUnavailable {
+                source_role: self.source_role.clone(),
+                reason: Some("the role or [sts] is not configured".into()),
+            }
+            .into())
+        })
+    }
+}
+
 /// One line for a TLS failure with STS, naming the likely fix.
 fn tls_message(e: &io::Error, target: &str) -> String {
     use rustls::{CertificateError as C, Error as E};
@@ -1300,37 +1270,5 @@ mod tests {
         let long = "x".repeat(1000);
         let e = error(&response(403, None, &error_body("AccessDenied", &long))).to_string();
         assert!(e.len() < 700, "{}", e.len());
-    }
-
-    #[test]
-    fn endpoints_and_regions() {
-        assert_eq!(
-            region_of_iot_endpoint("c2example.credentials.iot.eu-west-1.amazonaws.com"),
-            Some("eu-west-1")
-        );
-        assert_eq!(
-            region_of_iot_endpoint("x.credentials.iot.cn-north-1.amazonaws.com.cn"),
-            Some("cn-north-1")
-        );
-        assert_eq!(region_of_iot_endpoint("localhost"), None);
-        assert_eq!(
-            region_of_iot_endpoint("x.credentials.iot.eu-west-1.example.com"),
-            None
-        );
-        assert_eq!(
-            StsEndpoint::regional("cn-north-1").host,
-            "sts.cn-north-1.amazonaws.com.cn"
-        );
-        let e =
-            StsEndpoint::parse_url("https://sts.eu-west-1.amazonaws.com/", "eu-west-1").unwrap();
-        assert_eq!(
-            (e.host.as_str(), e.port),
-            ("sts.eu-west-1.amazonaws.com", 443)
-        );
-        assert_eq!(e.host_header(), "sts.eu-west-1.amazonaws.com");
-        let e = StsEndpoint::parse_url("https://[::1]:8443", "r").unwrap();
-        assert_eq!(e.host_header(), "[::1]:8443");
-        assert!(StsEndpoint::parse_url("http://127.0.0.1:1", "r").is_err());
-        assert!(StsEndpoint::parse_url("https://h/path", "r").is_err());
     }
 }

@@ -7,14 +7,13 @@ use std::time::Duration;
 
 use embedded_io_adapters::tokio_1::FromTokio;
 use iotcred_core::exchange::{ExchangeError, parse_response};
-use iotcred_core::{CredentialDuration, ErrorClass, Request, RoleAlias, ThingName, UnixTime};
+use iotcred_core::{ErrorClass, ThingName, UnixTime};
 use iotcred_core::{FetchError, HttpError};
 use rustls::ClientConfig;
 use tokio::time::Instant;
 
-use crate::config::{Config, Endpoint};
+use crate::config::{Config, ProviderRole};
 use crate::connect::{Conn, ConnectError, Connector, closed_by_peer, tls_cause};
-pub use crate::connect::{Proxy, no_proxy_matches};
 use crate::source::Obtained;
 
 /// Why an exchange failed. `Display` is one line that says what is wrong and what to do; it
@@ -115,40 +114,26 @@ impl From<ConnectError> for UpstreamError {
     }
 }
 
-/// What one role asks for.
-#[derive(Clone, Debug)]
-pub struct RoleRequest {
-    /// Role alias.
-    pub role_alias: RoleAlias,
-    /// Duration header.
-    pub duration: Option<CredentialDuration>,
-}
-
 /// The upstream: endpoint, TLS configuration, and one idle connection kept for reuse.
 pub struct Upstream {
-    endpoint: Endpoint,
     thing_name: Option<ThingName>,
     conn: Connector,
     timeout: Duration,
 }
 
 impl Upstream {
-    /// Builds the upstream for `config` with a loaded TLS configuration.
-    pub fn new(config: &Config, client_config: Arc<ClientConfig>) -> Result<Upstream, String> {
-        let proxy = Proxy::resolve(config.proxy.as_deref(), &config.endpoint.host)?;
-        let conn = Connector::new(
-            &config.endpoint.host,
-            config.endpoint.port,
-            client_config,
-            proxy,
-        )
-        .map_err(|e| format!("endpoint host {e}"))?;
-        Ok(Upstream {
-            endpoint: config.endpoint.clone(),
+    /// Builds the upstream for `config` (endpoint and proxy as parsed at load time) with a
+    /// loaded TLS configuration.
+    pub fn new(config: &Config, client_config: Arc<ClientConfig>) -> Upstream {
+        Upstream {
             thing_name: config.thing_name.clone(),
-            conn,
+            conn: Connector::new(
+                config.endpoint.server().clone(),
+                client_config,
+                config.proxy.clone(),
+            ),
             timeout: config.timeout,
-        })
+        }
     }
 
     fn target(&self) -> String {
@@ -159,7 +144,7 @@ impl Upstream {
     /// connection if it turns out dead before any answer), else connect. After a failure other
     /// than an answer from the provider, no idle connection is kept (the next fetch connects
     /// anew).
-    pub async fn fetch(&self, role: &RoleRequest) -> Result<Obtained, UpstreamError> {
+    pub async fn fetch(&self, role: &ProviderRole) -> Result<Obtained, UpstreamError> {
         let result = self.attempt(role).await;
         if matches!(&result, Err(e) if !matches!(e, UpstreamError::Exchange { .. })) {
             self.reset();
@@ -167,7 +152,7 @@ impl Upstream {
         result
     }
 
-    async fn attempt(&self, role: &RoleRequest) -> Result<Obtained, UpstreamError> {
+    async fn attempt(&self, role: &ProviderRole) -> Result<Obtained, UpstreamError> {
         let start = Instant::now();
         let deadline = start + self.timeout;
         let reused = self.conn.take_idle();
@@ -222,30 +207,19 @@ impl Upstream {
     async fn exchange(
         &self,
         conn: Conn,
-        role: &RoleRequest,
+        role: &ProviderRole,
         deadline: Instant,
         reused: bool,
     ) -> Result<Obtained, ExchangeFailure> {
-        let request = match Request::new(
-            &self.endpoint.host,
-            self.endpoint.port,
-            &role.role_alias,
-            crate::USER_AGENT,
-        ) {
-            Ok(r) => r
-                .with_thing_name(self.thing_name.as_ref())
-                .with_duration(role.duration),
-            Err(e) => {
-                return Err(ExchangeFailure::Error(UpstreamError::Tls(format!(
-                    "invalid request: {e}"
-                ))));
-            }
-        };
         let mut stream = FromTokio::new(conn);
         let wall_now = UnixTime::now();
         let result = tokio::time::timeout_at(
             deadline,
-            iotcred_core::asynch::round_trip(&mut stream, &request, iotcred_core::Limits::DEFAULT),
+            iotcred_core::asynch::round_trip(
+                &mut stream,
+                &role.request,
+                iotcred_core::Limits::DEFAULT,
+            ),
         )
         .await;
         let arrived = Instant::now();
@@ -315,8 +289,7 @@ impl Upstream {
 impl std::fmt::Debug for Upstream {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Upstream")
-            .field("endpoint", &self.endpoint)
-            .field("proxy", &self.conn.proxy())
+            .field("conn", &self.conn)
             .field("timeout", &self.timeout)
             .finish_non_exhaustive()
     }

@@ -6,17 +6,16 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use iotcred_agent::config::Config;
+use iotcred_agent::config::{Config, ProviderRole, RoleSource, Sts};
 use iotcred_agent::metrics::Metrics;
+use iotcred_agent::net::{HttpsUrl, Proxy};
 use iotcred_agent::refresh::Refresher;
 use iotcred_agent::source::{ProviderSource, Source, SourceError};
 use iotcred_agent::state::{Clock, RoleHandle, role_channel};
-use iotcred_agent::sts::{
-    AssumeRole, ChainedError, ChainedSource, StsClient, StsEndpoint, StsError,
-};
-use iotcred_agent::upstream::{RoleRequest, Upstream};
+use iotcred_agent::sts::{AssumeRole, ChainedError, ChainedSource, StsClient, StsError};
+use iotcred_agent::upstream::Upstream;
 use iotcred_core::schedule::ScheduleConfig;
-use iotcred_core::{Credentials, ErrorClass, RoleAlias, Secret, UnixTime};
+use iotcred_core::{Credentials, ErrorClass, Secret, UnixTime};
 use iotcred_tests::sts::{ConnectProxy, FakeSts, FakeStsOptions, MotoSts, StsFault};
 use iotcred_tests::{FakeProvider, Pki, ProviderHandle};
 use tokio::sync::watch;
@@ -28,6 +27,7 @@ struct Setup {
     pki: Pki,
     provider: ProviderHandle,
     upstream: Arc<Upstream>,
+    provider_role: ProviderRole,
 }
 
 impl Setup {
@@ -45,23 +45,23 @@ impl Setup {
         );
         let config = Config::parse(&text, &dir.path().join("config.toml")).expect("config");
         let identity = iotcred_agent::tls::load_identity(&config).expect("identity");
-        let upstream = Arc::new(Upstream::new(&config, identity.client_config).expect("upstream"));
+        let upstream = Arc::new(Upstream::new(&config, identity.client_config));
+        let RoleSource::Provider(provider_role) = config.roles[0].source.clone() else {
+            panic!("a provider role")
+        };
         Setup {
             _dir: dir,
             pki,
             provider,
             upstream,
+            provider_role,
         }
     }
 
     /// Fresh source credentials from the IoT credentials provider.
     async fn source(&self) -> Credentials {
-        let request = RoleRequest {
-            role_alias: RoleAlias::new("GatewayRole").unwrap(),
-            duration: None,
-        };
         self.upstream
-            .fetch(&request)
+            .fetch(&self.provider_role)
             .await
             .expect("source credentials")
             .credentials
@@ -76,10 +76,7 @@ impl Setup {
             index: 0,
             source: Arc::new(ProviderSource::new(
                 self.upstream.clone(),
-                RoleRequest {
-                    role_alias: RoleAlias::new("GatewayRole").unwrap(),
-                    duration: None,
-                },
+                self.provider_role.clone(),
             )),
             files: Vec::new(),
             publisher,
@@ -112,8 +109,13 @@ fn client_with_proxy(
     ca: Option<&std::path::Path>,
     proxy: Option<&str>,
 ) -> StsClient {
-    let endpoint = StsEndpoint::parse_url(url, region).expect("endpoint");
-    StsClient::new(endpoint, ca, proxy, Duration::from_secs(20)).expect("client")
+    let sts = Sts {
+        endpoint: HttpsUrl::parse(url).expect("endpoint"),
+        region: region.to_string(),
+        ca: ca.map(std::path::Path::to_path_buf),
+        proxy: proxy.map(|p| Proxy::parse(p).expect("proxy")),
+    };
+    StsClient::new(&sts, Duration::from_secs(20)).expect("client")
 }
 
 fn role(external_id: Option<&str>) -> AssumeRole {
