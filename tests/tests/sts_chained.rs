@@ -76,8 +76,11 @@ assume_role_arn = "{ARN}"
     env.config_with(&env.pki.device_ec.cert, &k, top, &extra)
 }
 
+/// Role `name`'s entry of `/v1/health` (null while the agent is not listening yet).
 fn role_health(env: &Env, name: &str) -> serde_json::Value {
-    let (_, h) = hostile::health(&env.socket()).expect("health");
+    let Ok((_, h)) = hostile::health(&env.socket()) else {
+        return serde_json::Value::Null;
+    };
     h["roles"]
         .as_array()
         .and_then(|roles| roles.iter().find(|r| r["name"] == name).cloned())
@@ -213,7 +216,7 @@ fn access_denied_is_permanent_and_health_says_what_to_fix() {
     );
     let permanent = hostile::metric(
         &env.socket(),
-        "iotcred_refresh_total{role=\"analytics\",outcome=\"permanent\"}",
+        "iotcred_refresh_total{role=\"analytics\",outcome=\"permanent_error\"}",
     )
     .unwrap();
     assert!(permanent >= 1.0, "{permanent}");
@@ -238,7 +241,7 @@ fn throttling_and_500_back_off_then_recover() {
     assert_eq!(codes, [400, 500, 200]);
     let transient = hostile::metric(
         &env.socket(),
-        "iotcred_refresh_total{role=\"analytics\",outcome=\"transient\"}",
+        "iotcred_refresh_total{role=\"analytics\",outcome=\"transient_error\"}",
     )
     .unwrap();
     assert_eq!(transient, 2.0);
