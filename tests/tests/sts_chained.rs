@@ -326,3 +326,39 @@ fn moto_sts_serves_a_chained_role() {
     );
     drop(agent);
 }
+
+#[test]
+fn fetch_and_check_follow_the_chain() {
+    let env = env();
+    let sts = fake_sts(&env, None);
+    let cfg = config(&env, "", &sts.endpoint(), "");
+    let c = cfg.display().to_string();
+    let out = env.run(&["fetch", "--config", &c, "--role", "analytics"]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let v: serde_json::Value = serde_json::from_str(out.stdout.trim()).unwrap();
+    let issued = sts.issued();
+    assert_eq!(v["AccessKeyId"], issued[0].access_key_id.as_str());
+    assert_eq!(
+        issued[0].source_access_key_id,
+        env.provider.last_issued().unwrap().access_key_id
+    );
+
+    let out = env.run(&["check", "--config", &c, "--fetch"]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert!(
+        out.stdout.contains("sts: https://localhost:"),
+        "{}",
+        out.stdout
+    );
+    let suffix = &sts.issued()[1].access_key_id[16..];
+    assert!(out.stdout.contains(suffix), "{}", out.stdout);
+
+    // A permanent refusal is exit code 3, with the fix on stderr.
+    sts.set_fault(StsFault::AccessDenied);
+    let out = env.run(&["fetch", "--config", &c, "--role", "analytics"]);
+    assert_eq!(out.code, 3, "{}", out.stderr);
+    assert!(out.stderr.contains("trust policy of"), "{}", out.stderr);
+    let secrets = sts.secrets();
+    let secrets: Vec<&str> = secrets.iter().map(String::as_str).collect();
+    env.assert_no_secrets(&secrets);
+}
