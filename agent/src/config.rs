@@ -1041,7 +1041,10 @@ role_alias = "GatewayRole"
         let e = one(&with_serve("serve = 1"));
         assert!(e.contains("`serve` must be a table"), "{e}");
         let e = one(&MINIMAL.replace("\"GatewayRole\"", "[\"GatewayRole\"]"));
-        assert_eq!(e, "line 7: `role.role_alias` must be a string, not a array");
+        assert_eq!(
+            e,
+            "line 7: `role.role_alias` must be a string, not an array"
+        );
     }
 
     #[test]

@@ -121,7 +121,7 @@ pub(crate) fn carried(
     let same = |name: &str| {
         let o = old.iter().find(|r| r.name == name)?;
         let n = new.iter().find(|r| r.name == name)?;
-        (o.source == n.source).then_some(n)
+        same_source(o, n).then_some(n)
     };
     stopped
         .into_iter()
@@ -133,6 +133,16 @@ pub(crate) fn carried(
             Some(p)
         })
         .collect()
+}
+
+/// Whether two roles ask for the same credentials (the device identity is compared apart).
+fn same_source(a: &Role, b: &Role) -> bool {
+    match (&a.source, &b.source) {
+        (RoleSource::Provider(a), RoleSource::Provider(b)) => {
+            a.role_alias == b.role_alias && a.duration == b.duration
+        }
+        (a, b) => a == b,
+    }
 }
 
 /// What the roles' sources run on: the device's upstream, and STS for chained roles.

@@ -87,11 +87,24 @@ impl RoleState {
         })
     }
 
-    /// Wall-clock time of the last successful refresh, as seen now (the monotonic time since
-    /// the issue, subtracted from the wall clock's now).
+    /// Wall-clock time of the last successful refresh, as seen now.
     pub fn last_refresh(&self, now: iotcred_core::Instant, wall: UnixTime) -> Option<UnixTime> {
-        let issued = self.schedule.issued_at()?;
-        Some(wall.saturating_sub(now.saturating_duration_since(issued)))
+        Some(self.wall_time(self.schedule.issued_at()?, now, wall))
+    }
+
+    /// The device's wall-clock time of the monotonic instant `t`, given both clocks' now: the
+    /// monotonic distance from now, applied to the wall clock's now.
+    pub fn wall_time(
+        &self,
+        t: iotcred_core::Instant,
+        now: iotcred_core::Instant,
+        wall: UnixTime,
+    ) -> UnixTime {
+        if t >= now {
+            wall.saturating_add(t.saturating_duration_since(now))
+        } else {
+            wall.saturating_sub(now.saturating_duration_since(t))
+        }
     }
 }
 

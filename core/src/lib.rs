@@ -30,7 +30,7 @@ pub use exchange::{ErrorClass, ExchangeError, Explained, parse_credentials, pars
 pub use http::{HttpError, Limits, Response, ResponseParser, RetryAfter};
 pub use render::Format;
 pub use request::{
-    ConfigError, CredentialDuration, PreparedRequest, Request, RoleAlias, ThingName,
+    CredentialDuration, InvalidRequest, PreparedRequest, Request, RoleAlias, ThingName,
 };
 pub use schedule::{Schedule, ScheduleConfig};
 pub use secret::Secret;

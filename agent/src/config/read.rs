@@ -138,9 +138,9 @@ impl<'t, 'i> Table<'t, 'i> {
         self.cx.report_at(
             Some(v.span()),
             format!(
-                "`{}` must be {want}, not a {}",
+                "`{}` must be {want}, not {}",
                 self.key_name(key),
-                v.get_ref().type_str()
+                with_article(v.get_ref().type_str())
             ),
         );
     }
@@ -346,5 +346,14 @@ impl<'t, 'i> Table<'t, 'i> {
                 );
             }
         }
+    }
+}
+
+/// `an integer`, `a string`.
+fn with_article(noun: &str) -> String {
+    if noun.starts_with(['a', 'e', 'i', 'o', 'u']) {
+        format!("an {noun}")
+    } else {
+        format!("a {noun}")
     }
 }

@@ -313,6 +313,7 @@ fn health(roles: &[RoleHandle]) -> Response<Body> {
                 "healthy": healthy,
                 "expiration": remaining.map(|d| wall.saturating_add(d).rfc3339().to_string()),
                 "remaining_seconds": remaining.map(|d| d.as_secs()),
+                "refresh_at": schedule.refresh_at().map(|t| state.wall_time(t, now, wall).rfc3339().to_string()),
                 "last_refresh": state.last_refresh(now, wall).map(|t| t.rfc3339().to_string()),
                 "last_failure": state.last_failure.map(|t| t.rfc3339().to_string()),
                 "last_error": state.last_error.as_deref(),
