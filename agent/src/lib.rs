@@ -9,6 +9,7 @@ pub mod client;
 pub mod commands;
 pub mod config;
 pub mod daemon;
+mod der;
 pub mod keys;
 pub mod metrics;
 pub mod refresh;

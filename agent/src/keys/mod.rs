@@ -10,7 +10,6 @@
 //! PINs never appear in errors or logs.
 
 mod csr;
-mod der;
 mod keygen;
 mod pem;
 pub mod pkcs11;
@@ -312,8 +311,10 @@ fn load_pem(path: &Path) -> Result<Arc<dyn SigningKey>, KeyError> {
 pub(crate) fn key_from_der(der: &PrivateKeyDer<'_>) -> Result<Arc<dyn SigningKey>, KeyError> {
     // Size check before ring sees the key: ring rejects small RSA keys with a vague error.
     let rsa_bits = match der {
-        PrivateKeyDer::Pkcs1(k) => der::rsa_private_key_bits(k.secret_pkcs1_der()),
-        PrivateKeyDer::Pkcs8(k) => der::pkcs8_rsa_bits(k.secret_pkcs8_der()),
+        PrivateKeyDer::Pkcs1(k) => crate::der::rsa_private_key_bits(k.secret_pkcs1_der()).ok(),
+        PrivateKeyDer::Pkcs8(k) => crate::der::pkcs8_rsa_bits(k.secret_pkcs8_der())
+            .ok()
+            .flatten(),
         _ => None,
     };
     if let Some(bits) = rsa_bits {
