@@ -40,7 +40,7 @@ impl KeySource {
     /// Parses the configuration's `key` value: a `pkcs11:` URI or a file path.
     pub fn parse(s: &str) -> Result<Self, KeyError> {
         let t = s.trim();
-        if t.len() >= 7 && t[..7].eq_ignore_ascii_case("pkcs11:") {
+        if uri::strip_prefix_ci(t, "pkcs11:").is_some() {
             return Pkcs11Uri::parse(t)
                 .map(KeySource::Pkcs11)
                 .map_err(KeyError::InvalidUri);
@@ -352,6 +352,11 @@ mod tests {
             Err(KeyError::InvalidUri(_))
         ));
         assert!(matches!(KeySource::parse(" "), Err(KeyError::EmptySource)));
+        // A multi-byte character where `pkcs11:` would end is a file name, not a panic.
+        assert!(matches!(
+            KeySource::parse("pkcs11é.pem").unwrap(),
+            KeySource::Pem(p) if p == Path::new("pkcs11é.pem")
+        ));
     }
 
     #[test]
