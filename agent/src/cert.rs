@@ -1,5 +1,5 @@
 //! The few facts the agent reads from an X.509 certificate — subject, validity and the
-//! SubjectPublicKeyInfo — with the crate's DER reader ([`crate::der`]). rustls/webpki do the
+//! SubjectPublicKeyInfo — with the crate's DER reader (`der.rs`). rustls/webpki do the
 //! real verification; this only serves start-up checks and messages, and keeps a full X.509
 //! parser out of the binary.
 

@@ -1,10 +1,10 @@
 //! A private key object in a PKCS#11 token, as a rustls [`SigningKey`](rustls::sign::SigningKey).
 //!
-//! - [`lookup`]: the token and the key object a `pkcs11:` URI names, and what the key is
+//! - `lookup`: the token and the key object a `pkcs11:` URI names, and what the key is
 //!   (shared with `keygen`);
-//! - [`session`]: the module, the login and the key's long-lived session, reopened after the
+//! - `session`: the module, the login and the key's long-lived session, reopened after the
 //!   token went away; every token call runs off the async workers (see there why and how);
-//! - [`signer`]: the rustls signing key and signer.
+//! - `signer`: the rustls signing key and signer.
 
 mod lookup;
 mod session;

@@ -5,8 +5,7 @@
 //! SoftHSM2, tpm2-pkcs11 and most HSMs, unlike the combined hash-and-sign mechanisms.
 //!
 //! rustls calls [`Signer::sign`] synchronously inside the handshake, on whatever thread drives
-//! the connection; the session runs the token call off the async workers (see
-//! [`super::session`]).
+//! the connection; the session runs the token call off the async workers (see `session.rs`).
 
 use std::fmt;
 use std::sync::Arc;
