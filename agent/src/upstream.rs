@@ -7,19 +7,18 @@ use std::time::Duration;
 
 use embedded_io_adapters::tokio_1::FromTokio;
 use iotcred_core::exchange::{ExchangeError, parse_response};
-use iotcred_core::{
-    CredentialDuration, ErrorClass, Issued, Request, RoleAlias, ThingName, UnixTime,
-};
+use iotcred_core::{ErrorClass, ThingName, UnixTime};
 use iotcred_core::{FetchError, HttpError};
 use rustls::ClientConfig;
-use rustls_pki_types::ServerName;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 
-use crate::config::{Config, Endpoint};
+use crate::config::{Config, Endpoint, ProviderRole};
+use crate::net::Proxy;
+use crate::source::Obtained;
 
 /// Why an exchange failed. `Display` is one line that says what is wrong and what to do; it
 /// never contains a secret.
@@ -68,14 +67,6 @@ pub enum UpstreamError {
         /// Why.
         source: io::Error,
     },
-    /// The provider issued credentials that expire too soon to be handed out.
-    #[error(
-        "the credentials provider issued credentials valid for only {secs} s (less than 60 s): check the provider's clock and the role alias's credentialDurationSeconds"
-    )]
-    ShortLived {
-        /// Lifetime received.
-        secs: u64,
-    },
     /// No answer in time.
     #[error(
         "no answer from {target} within {secs} s (timeout_seconds); check the network path to the endpoint"
@@ -112,128 +103,11 @@ impl UpstreamError {
             _ => None,
         }
     }
-
-    /// SPEC §5 exit code: 3 permanent, 4 transient.
-    pub fn exit_code(&self) -> i32 {
-        match self.class() {
-            ErrorClass::Permanent => 3,
-            ErrorClass::Transient => 4,
-        }
-    }
-}
-
-/// What one role asks for.
-#[derive(Clone, Debug)]
-pub struct RoleRequest {
-    /// Role alias.
-    pub role_alias: RoleAlias,
-    /// Duration header.
-    pub duration: Option<CredentialDuration>,
-}
-
-/// Credentials received, with the moment they arrived on the monotonic clock.
-#[derive(Debug)]
-pub struct Fetched {
-    /// Parsed credentials and lifetime.
-    pub issued: Issued,
-    /// When the response arrived.
-    pub arrived: Instant,
-    /// Wall clock when it arrived.
-    pub arrived_wall: UnixTime,
-    /// Time from start of the attempt to the response (connection set-up included).
-    pub latency: Duration,
-}
-
-/// An HTTP CONNECT proxy.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Proxy {
-    /// Proxy host.
-    pub host: String,
-    /// Proxy port.
-    pub port: u16,
-}
-
-impl Proxy {
-    /// Parses `http://host[:port][/]`. Only plain-HTTP CONNECT proxies are supported.
-    pub fn parse(url: &str) -> Result<Proxy, String> {
-        let rest = match url.split_once("://") {
-            Some(("http", rest)) => rest,
-            Some((scheme, _)) => {
-                return Err(format!(
-                    "scheme {scheme:?} is not supported: use an http:// CONNECT proxy"
-                ));
-            }
-            None => url,
-        };
-        let rest = rest.trim_end_matches('/');
-        if rest.contains('@') {
-            return Err("credentials in the proxy URL are not supported".into());
-        }
-        if rest.contains('/') {
-            return Err(format!("{url:?}: give http://host:port"));
-        }
-        let ep = crate::config::parse_endpoint(rest)
-            .map_err(|_| format!("{url:?}: give http://host:port"))?;
-        let port = if rest.ends_with(']') || !rest.contains(':') {
-            3128
-        } else {
-            ep.port
-        };
-        Ok(Proxy {
-            host: ep.host,
-            port,
-        })
-    }
-
-    /// The proxy for `host` from `HTTPS_PROXY`/`https_proxy`, honouring `NO_PROXY`/`no_proxy`.
-    pub fn from_env(host: &str) -> Option<Proxy> {
-        let var = |names: &[&str]| {
-            names
-                .iter()
-                .find_map(|n| std::env::var(n).ok().filter(|v| !v.is_empty()))
-        };
-        let url = var(&["HTTPS_PROXY", "https_proxy"])?;
-        if let Some(no) = var(&["NO_PROXY", "no_proxy"]) {
-            if no_proxy_matches(&no, host) {
-                return None;
-            }
-        }
-        match Proxy::parse(&url) {
-            Ok(p) => Some(p),
-            Err(e) => {
-                tracing::warn!("ignoring HTTPS_PROXY: {e}");
-                None
-            }
-        }
-    }
-}
-
-/// `NO_PROXY` matching: `*`, exact host, or domain suffix (`.example.com` or `example.com`).
-pub fn no_proxy_matches(list: &str, host: &str) -> bool {
-    let host = host.to_ascii_lowercase();
-    list.split(',')
-        .map(|e| e.trim().to_ascii_lowercase())
-        .any(|e| {
-            if e.is_empty() {
-                return false;
-            }
-            if e == "*" {
-                return true;
-            }
-            let e = e
-                .split(':')
-                .next()
-                .unwrap_or("")
-                .trim_start_matches("*.")
-                .trim_start_matches('.');
-            host == e || host.ends_with(&format!(".{e}"))
-        })
 }
 
 /// The upstream: endpoint, TLS configuration, and one idle connection kept for reuse.
 pub struct Upstream {
     endpoint: Endpoint,
-    server_name: ServerName<'static>,
     thing_name: Option<ThingName>,
     connector: TlsConnector,
     proxy: Option<Proxy>,
@@ -242,40 +116,36 @@ pub struct Upstream {
 }
 
 impl Upstream {
-    /// Builds the upstream for `config` with a loaded TLS configuration.
-    pub fn new(config: &Config, client_config: Arc<ClientConfig>) -> Result<Upstream, String> {
-        let server_name = ServerName::try_from(config.endpoint.host.clone()).map_err(|_| {
-            format!(
-                "endpoint host {:?} is not a valid DNS name or IP address",
-                config.endpoint.host
-            )
-        })?;
-        let proxy = match &config.proxy {
-            Some(url) => Some(Proxy::parse(url)?),
-            None => Proxy::from_env(&config.endpoint.host),
-        };
-        Ok(Upstream {
+    /// Builds the upstream for `config` (endpoint and proxy as parsed at load time) with a
+    /// loaded TLS configuration.
+    pub fn new(config: &Config, client_config: Arc<ClientConfig>) -> Upstream {
+        Upstream {
             endpoint: config.endpoint.clone(),
-            server_name,
             thing_name: config.thing_name.clone(),
             connector: TlsConnector::from(client_config),
-            proxy,
+            proxy: config.proxy.clone(),
             timeout: config.timeout,
             idle: Mutex::new(None),
-        })
-    }
-
-    fn target(&self) -> String {
-        if self.endpoint.host.contains(':') {
-            format!("[{}]:{}", self.endpoint.host, self.endpoint.port)
-        } else {
-            format!("{}:{}", self.endpoint.host, self.endpoint.port)
         }
     }
 
+    fn target(&self) -> String {
+        self.endpoint.to_string()
+    }
+
     /// One exchange: reuse the idle connection if there is one (falling back to a new
-    /// connection if it turns out dead before any answer), else connect.
-    pub async fn fetch(&self, role: &RoleRequest) -> Result<Fetched, UpstreamError> {
+    /// connection if it turns out dead before any answer), else connect. After a failure other
+    /// than an answer from the provider, no idle connection is kept (the next fetch connects
+    /// anew).
+    pub async fn fetch(&self, role: &ProviderRole) -> Result<Obtained, UpstreamError> {
+        let result = self.attempt(role).await;
+        if matches!(&result, Err(e) if !matches!(e, UpstreamError::Exchange { .. })) {
+            self.reset();
+        }
+        result
+    }
+
+    async fn attempt(&self, role: &ProviderRole) -> Result<Obtained, UpstreamError> {
         let start = Instant::now();
         let deadline = start + self.timeout;
         let reused = self.idle.lock().unwrap_or_else(|e| e.into_inner()).take();
@@ -285,7 +155,7 @@ impl Upstream {
                 other => {
                     return other
                         .map_err(|f| self.failure(f))
-                        .map(|f| f.with_latency(start));
+                        .map(|f| with_latency(f, start));
                 }
             }
         }
@@ -295,11 +165,11 @@ impl Upstream {
         self.exchange(conn, role, deadline, false)
             .await
             .map_err(|f| self.failure(f))
-            .map(|f| f.with_latency(start))
+            .map(|f| with_latency(f, start))
     }
 
-    /// Drops the idle connection (after a connection or TLS error, or on reload).
-    pub fn reset(&self) {
+    /// Drops the idle connection.
+    fn reset(&self) {
         self.idle.lock().unwrap_or_else(|e| e.into_inner()).take();
     }
 
@@ -325,21 +195,20 @@ impl Upstream {
 
     async fn connect(&self) -> Result<TlsStream<TcpStream>, UpstreamError> {
         let tcp = match &self.proxy {
-            None => tcp_connect(&self.endpoint.host, self.endpoint.port).await?,
+            None => tcp_connect(self.endpoint.host(), self.endpoint.port()).await?,
             Some(p) => {
-                let mut s =
-                    tcp_connect(&p.host, p.port)
-                        .await
-                        .map_err(|e| UpstreamError::Proxy {
-                            proxy: format!("{}:{}", p.host, p.port),
-                            message: e.to_string(),
-                        })?;
+                let mut s = tcp_connect(p.addr.host(), p.addr.port())
+                    .await
+                    .map_err(|e| UpstreamError::Proxy {
+                        proxy: p.addr.to_string(),
+                        message: e.to_string(),
+                    })?;
                 proxy_connect(&mut s, p, &self.target()).await?;
                 s
             }
         };
         self.connector
-            .connect(self.server_name.clone(), tcp)
+            .connect(self.endpoint.server().server_name().clone(), tcp)
             .await
             .map_err(|e| UpstreamError::Tls(tls_message(&e, &self.target())))
     }
@@ -347,34 +216,22 @@ impl Upstream {
     async fn exchange(
         &self,
         conn: TlsStream<TcpStream>,
-        role: &RoleRequest,
+        role: &ProviderRole,
         deadline: Instant,
         reused: bool,
-    ) -> Result<Fetched, ExchangeFailure> {
-        let request = match Request::new(
-            &self.endpoint.host,
-            self.endpoint.port,
-            &role.role_alias,
-            crate::USER_AGENT,
-        ) {
-            Ok(r) => r
-                .with_thing_name(self.thing_name.as_ref())
-                .with_duration(role.duration),
-            Err(e) => {
-                return Err(ExchangeFailure::Error(UpstreamError::Tls(format!(
-                    "invalid request: {e}"
-                ))));
-            }
-        };
+    ) -> Result<Obtained, ExchangeFailure> {
         let mut stream = FromTokio::new(conn);
         let wall_now = UnixTime::now();
         let result = tokio::time::timeout_at(
             deadline,
-            iotcred_core::asynch::round_trip(&mut stream, &request, iotcred_core::Limits::DEFAULT),
+            iotcred_core::asynch::round_trip(
+                &mut stream,
+                &role.request,
+                iotcred_core::Limits::DEFAULT,
+            ),
         )
         .await;
         let arrived = Instant::now();
-        let arrived_wall = UnixTime::now();
         let target = self.target();
         let response = match result {
             Err(_) => return Err(ExchangeFailure::Error(self.timeout_error())),
@@ -385,7 +242,9 @@ impl Upstream {
                 return Err(ExchangeFailure::StaleConnection);
             }
             Ok(Err(FetchError::Exchange(error))) => {
-                let message = explain(&error, self.thing_name.as_ref(), &role.role_alias);
+                let message = error
+                    .explain(self.thing_name.as_ref(), &role.role_alias)
+                    .to_string();
                 return Err(ExchangeFailure::Error(UpstreamError::Exchange {
                     error,
                     message,
@@ -424,19 +283,16 @@ impl Upstream {
             *self.idle.lock().unwrap_or_else(|e| e.into_inner()) = Some(stream.into_inner());
         }
         match parse_response(&response, wall_now) {
-            Ok(issued) if issued.lifetime < iotcred_core::MIN_REMAINING => {
-                Err(ExchangeFailure::Error(UpstreamError::ShortLived {
-                    secs: issued.lifetime.as_secs(),
-                }))
-            }
-            Ok(issued) => Ok(Fetched {
-                issued,
+            Ok(issued) => Ok(Obtained {
+                credentials: issued.credentials,
+                lifetime: issued.lifetime,
                 arrived,
-                arrived_wall,
                 latency: Duration::ZERO,
             }),
             Err(error) => {
-                let message = explain(&error, self.thing_name.as_ref(), &role.role_alias);
+                let message = error
+                    .explain(self.thing_name.as_ref(), &role.role_alias)
+                    .to_string();
                 Err(ExchangeFailure::Error(UpstreamError::Exchange {
                     error,
                     message,
@@ -462,11 +318,9 @@ enum ExchangeFailure {
     Error(UpstreamError),
 }
 
-impl Fetched {
-    fn with_latency(mut self, start: Instant) -> Fetched {
-        self.latency = self.arrived.saturating_duration_since(start);
-        self
-    }
+fn with_latency(mut obtained: Obtained, start: Instant) -> Obtained {
+    obtained.latency = obtained.arrived.saturating_duration_since(start);
+    obtained
 }
 
 async fn tcp_connect(host: &str, port: u16) -> Result<TcpStream, UpstreamError> {
@@ -504,7 +358,7 @@ async fn proxy_connect(
     target: &str,
 ) -> Result<(), UpstreamError> {
     let perr = |message: String| UpstreamError::Proxy {
-        proxy: format!("{}:{}", proxy.host, proxy.port),
+        proxy: proxy.addr.to_string(),
         message,
     };
     let req = format!(
@@ -583,70 +437,5 @@ fn tls_message(e: &io::Error, target: &str) -> String {
         }
         Some(other) => format!("TLS with {target} failed: {other}"),
         None => format!("TLS with {target} failed: {e}"),
-    }
-}
-
-/// One line for a provider error, naming the fix where the status tells it.
-pub fn explain(error: &ExchangeError, thing: Option<&ThingName>, alias: &RoleAlias) -> String {
-    let provider_msg = error
-        .message()
-        .map(|m| format!(" ({m:?})"))
-        .unwrap_or_default();
-    let thing_s = thing.map(|t| t.as_str()).unwrap_or("(none configured)");
-    match error.status() {
-        Some(400) => format!(
-            "the credentials provider refused the request (400){provider_msg}: check thing_name and duration_seconds (900-43200, at most the role alias's credentialDurationSeconds)"
-        ),
-        Some(401) => format!(
-            "the credentials provider refused the device certificate (401){provider_msg}: check that the certificate is ACTIVE in AWS IoT"
-        ),
-        Some(403) => format!(
-            "the credentials provider denied access (403){provider_msg}: the certificate is not attached to thing {thing_s}, or the IoT policy denies iot:AssumeRoleWithCertificate for role alias {}",
-            alias.as_str()
-        ),
-        Some(404) => format!(
-            "role alias {} not found (404){provider_msg}: create it (aws iot create-role-alias) or fix role_alias, and check endpoint is the iot:CredentialProvider endpoint of the right region",
-            alias.as_str()
-        ),
-        Some(429) => format!(
-            "the credentials provider is throttling (429){provider_msg}: will retry with backoff"
-        ),
-        Some(s) if s >= 500 => {
-            format!("the credentials provider failed ({s}){provider_msg}: will retry with backoff")
-        }
-        _ => format!("the credentials provider's answer is unusable: {error}"),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn proxy_urls() {
-        assert_eq!(
-            Proxy::parse("http://p.local:3128").unwrap(),
-            Proxy {
-                host: "p.local".into(),
-                port: 3128
-            }
-        );
-        assert_eq!(Proxy::parse("http://p.local/").unwrap().port, 3128);
-        assert_eq!(Proxy::parse("p:8080").unwrap().port, 8080);
-        assert!(Proxy::parse("https://p:1").is_err());
-        assert!(Proxy::parse("http://u:pw@p:1").is_err());
-    }
-
-    #[test]
-    fn no_proxy() {
-        assert!(no_proxy_matches("*", "x.y"));
-        assert!(no_proxy_matches(
-            "a.com, .amazonaws.com",
-            "c2.credentials.iot.eu-west-1.amazonaws.com"
-        ));
-        assert!(no_proxy_matches("amazonaws.com", "x.amazonaws.com"));
-        assert!(no_proxy_matches("localhost,127.0.0.1", "127.0.0.1"));
-        assert!(!no_proxy_matches("amazonaws.com", "notamazonaws.com"));
-        assert!(!no_proxy_matches("", "x"));
     }
 }
