@@ -342,6 +342,20 @@ mod tests {
     }
 
     #[test]
+    fn every_attribute_type_has_its_oid() {
+        for (ty, oid) in [
+            (AttrType::CommonName, [0x55, 0x04, 0x03]),
+            (AttrType::Organization, [0x55, 0x04, 0x0a]),
+            (AttrType::OrganizationalUnit, [0x55, 0x04, 0x0b]),
+            (AttrType::Country, [0x55, 0x04, 0x06]),
+            (AttrType::StateOrProvince, [0x55, 0x04, 0x08]),
+            (AttrType::Locality, [0x55, 0x04, 0x07]),
+        ] {
+            assert_eq!(ty.oid(), der::tlv(der::OID, &oid), "{ty:?}");
+        }
+    }
+
+    #[test]
     fn name_encoding() {
         let mut s = Subject::default();
         s.push(AttrType::CommonName, "a");
