@@ -362,3 +362,47 @@ fn fetch_and_check_follow_the_chain() {
     let secrets: Vec<&str> = secrets.iter().map(String::as_str).collect();
     env.assert_no_secrets(&secrets);
 }
+
+#[test]
+fn sighup_keeps_a_chained_role_and_chains_can_be_chained() {
+    let env = env();
+    let sts = fake_sts(&env, None);
+    let cfg = config(&env, "", &sts.endpoint(), "");
+    let mut agent = env.start_agent(&cfg);
+    assert!(agent.wait_ready(LIMIT), "{}", agent.log());
+    wait_role(&env, "analytics", |r| r["healthy"] == true);
+    assert_eq!(sts.issued().len(), 1);
+
+    // A role chained from the chained role; the running roles are kept as they are.
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(
+        &cfg,
+        format!(
+            "{text}\n[[role]]\nname = \"reports\"\nsource_role = \"analytics\"\nassume_role_arn = \"arn:aws:iam::345678901234:role/Reports\"\n"
+        ),
+    )
+    .unwrap();
+    agent.signal(libc::SIGHUP);
+    assert!(
+        agent
+            .wait_notify(LIMIT, |m| m.contains("reports: valid until"))
+            .is_some(),
+        "{}",
+        agent.log()
+    );
+    let issued = sts.issued();
+    assert_eq!(issued.len(), 2, "only the new role called STS");
+    assert_eq!(env.provider.stats().requests, 1, "the source role was kept");
+    // Signed with the chained role's own STS credentials, and verified by the fake.
+    assert_eq!(issued[1].source_access_key_id, issued[0].access_key_id);
+    assert!(sts.requests().iter().all(|q| q["signature_ok"] == true));
+    assert_eq!(
+        wait_role(&env, "analytics", |r| r["healthy"] == true)["failures"],
+        0
+    );
+    let (code, log) = agent.stop(&env);
+    assert_eq!(code, Some(0), "{log}");
+    let secrets = sts.secrets();
+    let secrets: Vec<&str> = secrets.iter().map(String::as_str).collect();
+    env.assert_no_secrets(&secrets);
+}
