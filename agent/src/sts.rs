@@ -559,10 +559,10 @@ fn interpret(
     role: &AssumeRole,
     region: &str,
 ) -> Interpreted {
-    let doc = match parse_xml(&response.body) {
+    let doc = match parse_answer(&response.body) {
         Ok(doc) => doc,
         Err(e) if response.status == 200 => return Interpreted::Error(e.into()),
-        Err(_) => XmlDoc::default(),
+        Err(_) => Answer::default(),
     };
     if response.status != 200 {
         let code = doc.error_code.clone();
@@ -692,15 +692,22 @@ fn sanitize_message(m: &str, source: &Credentials) -> String {
         .to_string()
 }
 
-/// The fields of an STS XML document that matter here.
-#[derive(Default)]
-struct XmlDoc {
-    access_key_id: Option<String>,
-    secret_access_key: Option<Secret>,
-    session_token: Option<Secret>,
-    expiration: Option<String>,
-    error_code: Option<String>,
-    error_message: Option<String>,
+/// What an STS answer body says: the fields of `AssumeRoleResponse/AssumeRoleResult/Credentials`
+/// and of `ErrorResponse/Error` (any of them may be missing). `Debug` prints no secret.
+#[derive(Debug, Default)]
+pub struct Answer {
+    /// `Credentials/AccessKeyId`.
+    pub access_key_id: Option<String>,
+    /// `Credentials/SecretAccessKey`.
+    pub secret_access_key: Option<Secret>,
+    /// `Credentials/SessionToken`.
+    pub session_token: Option<Secret>,
+    /// `Credentials/Expiration`, as written.
+    pub expiration: Option<String>,
+    /// `Error/Code`.
+    pub error_code: Option<String>,
+    /// `Error/Message` (unsanitized: it may quote the request).
+    pub error_message: Option<String>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -737,13 +744,13 @@ impl Field {
     }
 }
 
-/// Reads the fields of interest; namespaces are ignored (local names only). Text is
+/// Reads an STS answer body (well-formed XML; namespaces are ignored, local names only). Text is
 /// accumulated in a buffer that is wiped after each field: the secret fields go straight into
 /// [`Secret`]s.
-fn parse_xml(body: &[u8]) -> Result<XmlDoc, ProtocolError> {
+pub fn parse_answer(body: &[u8]) -> Result<Answer, ProtocolError> {
     const MAX_DEPTH: usize = 32;
     let mut reader = quick_xml::Reader::from_reader(body);
-    let mut doc = XmlDoc::default();
+    let mut doc = Answer::default();
     let mut path: Vec<Vec<u8>> = Vec::new();
     let mut current: Option<Field> = None;
     // Sized for the whole body, so it never reallocates (and leaves no copy behind).
@@ -805,8 +812,10 @@ fn parse_xml(body: &[u8]) -> Result<XmlDoc, ProtocolError> {
     Ok(doc)
 }
 
-impl XmlDoc {
-    fn into_credentials(self, reference: UnixTime) -> Result<Issued, ProtocolError> {
+impl Answer {
+    /// The credentials of a success answer, with their lifetime counted from `reference` (STS's
+    /// `Date`, else the wall clock) and capped at 3600 s.
+    pub fn into_credentials(self, reference: UnixTime) -> Result<Issued, ProtocolError> {
         let access_key_id = self
             .access_key_id
             .filter(|s| !s.is_empty())
