@@ -102,6 +102,23 @@ pub struct Serve {
     pub socket_mode: u32,
     /// Optional loopback TCP listener.
     pub listen: Option<SocketAddr>,
+    /// `[serve.imds]`: the IMDSv2-compatible endpoint (SPEC §4.4), off when absent.
+    pub imds: Option<Imds>,
+}
+
+/// `[serve.imds]` (SPEC §4.4).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Imds {
+    /// Listening address (loopback).
+    pub listen: SocketAddr,
+    /// The one role served (names an existing `[[role]]`).
+    pub role: String,
+    /// IP TTL / IPv6 unicast hop limit of accepted connections (default 1).
+    pub hop_limit: u8,
+    /// Peers allowed (SPEC §4.6); empty = token only.
+    pub allow_uids: Vec<u32>,
+    /// `placement/region`, overriding the region of the endpoint host.
+    pub region: Option<String>,
 }
 
 /// One `[[role]]`.
@@ -166,6 +183,18 @@ struct RawServe {
     socket: Option<Spanned<String>>,
     socket_mode: Option<Spanned<String>>,
     listen: Option<Spanned<String>>,
+    imds: Option<RawImds>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawImds {
+    listen: Spanned<String>,
+    role: Spanned<String>,
+    hop_limit: Option<Spanned<i64>>,
+    #[serde(default)]
+    allow_uids: Vec<Spanned<i64>>,
+    region: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -324,7 +353,9 @@ impl Config {
                     parse_listen(l.get_ref()).map_err(|e| cx.err(l, format!("serve.listen: {e}")))
                 })
                 .transpose()?,
+            imds: None,
         };
+        let mut serve = serve;
 
         if raw.role.is_empty() {
             return Err(cx.err_at(
@@ -421,6 +452,64 @@ impl Config {
                     ),
                 ));
             }
+        }
+
+        if let Some(i) = &raw.serve.imds {
+            let listen = parse_listen(i.listen.get_ref())
+                .map_err(|e| cx.err(&i.listen, format!("serve.imds.listen: {e}")))?;
+            if Some(listen) == serve.listen {
+                return Err(cx.err(
+                    &i.listen,
+                    "serve.imds.listen is the address of serve.listen: give it its own port".into(),
+                ));
+            }
+            let role = i.role.get_ref();
+            if !roles.iter().any(|r| &r.name == role) {
+                return Err(cx.err(
+                    &i.role,
+                    format!(
+                        "serve.imds.role = {role:?} names no [[role]]: use one of the role names"
+                    ),
+                ));
+            }
+            let hop_limit = match &i.hop_limit {
+                Some(h) => u8::try_from(*h.get_ref())
+                    .ok()
+                    .filter(|v| *v >= 1)
+                    .ok_or_else(|| {
+                        cx.err(h, "serve.imds.hop_limit: use 1-255 (default 1)".into())
+                    })?,
+                None => 1,
+            };
+            let allow_uids = i
+                .allow_uids
+                .iter()
+                .map(|u| {
+                    u32::try_from(*u.get_ref()).map_err(|_| {
+                        cx.err(
+                            u,
+                            format!("serve.imds.allow_uids: {} is not a valid id", u.get_ref()),
+                        )
+                    })
+                })
+                .collect::<Result<Vec<u32>, ConfigError>>()?;
+            let region = match &i.region {
+                Some(r) if !valid_region(r.get_ref()) => {
+                    return Err(cx.err(
+                        r,
+                        "serve.imds.region: use an AWS region name such as \"eu-west-1\"".into(),
+                    ));
+                }
+                Some(r) => Some(r.get_ref().clone()),
+                None => None,
+            };
+            serve.imds = Some(Imds {
+                listen,
+                role: role.clone(),
+                hop_limit,
+                allow_uids,
+                region,
+            });
         }
 
         Ok(Config {
@@ -559,6 +648,25 @@ pub fn parse_mode(s: &str) -> Result<u32, String> {
     }
 }
 
+/// The region of a credentials endpoint host `<prefix>.credentials.iot.<region>.amazonaws.com`
+/// (also `.amazonaws.com.cn`), if the host has that shape.
+pub fn endpoint_region(host: &str) -> Option<&str> {
+    let (_, rest) = host.split_once(".credentials.iot.")?;
+    let region = rest
+        .strip_suffix(".amazonaws.com")
+        .or_else(|| rest.strip_suffix(".amazonaws.com.cn"))?;
+    valid_region(region).then_some(region)
+}
+
+/// Lowercase letters, digits and dashes, 1-32 characters, not starting or ending with a dash.
+fn valid_region(r: &str) -> bool {
+    (1..=32).contains(&r.len())
+        && r.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !r.starts_with('-')
+        && !r.ends_with('-')
+}
+
 /// Parses and checks a loopback listen address.
 pub fn parse_listen(s: &str) -> Result<SocketAddr, String> {
     let addr: SocketAddr = s
@@ -584,6 +692,37 @@ key = "device.key"
 name = "default"
 role_alias = "GatewayRole"
 "#;
+
+    #[test]
+    fn imds_section() {
+        let t = MINIMAL.replace(
+            "[[role]]",
+            "[serve.imds]\nlisten = \"127.0.0.1:2774\"\nrole = \"default\"\nallow_uids = [1000]\n[[role]]",
+        );
+        let i = parse(&t).unwrap().serve.imds.unwrap();
+        assert_eq!(i.hop_limit, 1);
+        assert_eq!(i.allow_uids, vec![1000]);
+        assert_eq!(i.region, None);
+        let bad_role = t.replace("role = \"default\"", "role = \"nope\"");
+        assert!(
+            parse(&bad_role)
+                .unwrap_err()
+                .to_string()
+                .contains("serve.imds.role")
+        );
+        let bad_hop = t.replace("allow_uids", "hop_limit = 0\nallow_uids");
+        assert!(
+            parse(&bad_hop)
+                .unwrap_err()
+                .to_string()
+                .contains("hop_limit")
+        );
+        assert_eq!(
+            endpoint_region("abc.credentials.iot.eu-west-1.amazonaws.com"),
+            Some("eu-west-1")
+        );
+        assert_eq!(endpoint_region("localhost"), None);
+    }
 
     fn parse(t: &str) -> Result<Config, ConfigError> {
         Config::parse(t, Path::new("/etc/iotcred/config.toml"))
