@@ -11,6 +11,7 @@ pub mod config;
 pub mod daemon;
 pub mod keys;
 pub mod metrics;
+pub mod peer;
 pub mod refresh;
 pub mod sdnotify;
 pub mod server;
