@@ -11,7 +11,11 @@ use std::time::{Duration, Instant};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1);
-    let n: usize = args.next().map(|s| s.parse()).transpose()?.unwrap_or(20_000);
+    let n: usize = args
+        .next()
+        .map(|s| s.parse())
+        .transpose()?
+        .unwrap_or(20_000);
     let host = args.next().unwrap_or_else(|| "127.0.0.1".into());
     let listener = TcpListener::bind(if host.contains(':') {
         format!("[{host}]:0")

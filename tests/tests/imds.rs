@@ -285,9 +285,7 @@ fn every_get_needs_a_valid_token() {
     assert_eq!(r.json()["Code"], "Success");
     let r = http(
         addr,
-        &format!(
-            "PUT /latest/api/token HTTP/1.1\r\nHOST: localhost\r\nX-AWS-EC2-METADATA-TOKEN-TTL-SECONDS: 5\r\nAccept-Encoding: gzip"
-        ),
+        "PUT /latest/api/token HTTP/1.1\r\nHOST: localhost\r\nX-AWS-EC2-METADATA-TOKEN-TTL-SECONDS: 5\r\nAccept-Encoding: gzip",
     );
     assert_eq!(r.status, 200);
     assert_eq!(r.header("X-aws-ec2-metadata-token-ttl-seconds"), Some("5"));
