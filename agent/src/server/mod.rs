@@ -4,7 +4,7 @@
 //! [`bind`] creates the listeners (or takes them from systemd socket activation) and writes the
 //! per-role token files; [`serve`] answers until its shutdown future resolves, then drains.
 //!
-//! The IMDSv2-compatible endpoint (SPEC §4.4, [`imds`]) is one more listener of the same server:
+//! The IMDSv2-compatible endpoint (SPEC §4.4, module `imds`) is one more listener of the same server:
 //! the same accept loop, connection limit, header timeout and eviction of idle connections;
 //! only the routes differ.
 //!
