@@ -410,6 +410,26 @@ mod tests {
     use super::*;
 
     #[test]
+    fn tcp_peer_uid_rule() {
+        // SAFETY: getuid has no preconditions and cannot fail.
+        let me = unsafe { libc::getuid() };
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let c = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (s, remote) = l.accept().unwrap();
+        let local = s.local_addr().unwrap();
+        let known = TcpPeer::new(local, remote);
+        assert!(tcp_peer_allowed(&[], &known), "no allow_uids: token only");
+        assert!(tcp_peer_allowed(&[me], &known));
+        assert!(!tcp_peer_allowed(&[me.wrapping_add(1)], &known));
+        // A peer the kernel does not know in this namespace: refused when allow_uids is set.
+        let unknown = TcpPeer::new(local, "127.0.0.1:1".parse().unwrap());
+        assert_eq!(unknown.uid(), None);
+        assert!(!tcp_peer_allowed(&[me], &unknown));
+        assert!(tcp_peer_allowed(&[], &unknown));
+        drop(c);
+    }
+
+    #[test]
     fn loopback_hosts() {
         for ok in [
             "localhost",
