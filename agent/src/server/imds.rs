@@ -234,13 +234,27 @@ fn parse_ttl(v: &[u8]) -> Option<u32> {
     u32::try_from(n).ok().filter(|n| (1..=MAX_TTL).contains(n))
 }
 
-/// What the endpoint needs of the role state: servable credentials with the skew-corrected
-/// expiration, and when they were obtained (wall clock), or why not. The one place that knows
-/// how role state is read.
-async fn servable(role: &RoleHandle, wait: Duration) -> Result<(Served, UnixTime), NotReady> {
-    let served = role.credentials(wait).await?;
-    let obtained = served.held.issued_wall;
-    Ok((served, obtained))
+// What the endpoint needs of the role state, in two functions: the one place that knows how
+// role state is read.
+
+/// Servable credentials with the skew-corrected expiration (§3), or why not (with the wait
+/// and single flight of §4.1).
+async fn servable(role: &RoleHandle, wait: Duration) -> Result<Served, NotReady> {
+    role.credentials(wait).await
+}
+
+/// When the agent obtained `served`, on the device's wall clock. Read only when a body is
+/// rendered (once per connection and credentials); if the role was refreshed in between, the
+/// time is now (the body then carries the previous credentials, which are still valid).
+fn obtained(role: &RoleHandle, served: &Served) -> UnixTime {
+    let wall = UnixTime::now();
+    let state = role.state();
+    match &state.credentials {
+        Some(c) if Arc::ptr_eq(c, &served.credentials) => {
+            state.last_refresh(role.now(), wall).unwrap_or(wall)
+        }
+        _ => wall,
+    }
 }
 
 async fn credentials(shared: &Shared, imds: &Imds, cache: &BodyCache) -> Response<Body> {
@@ -250,8 +264,8 @@ async fn credentials(shared: &Shared, imds: &Imds, cache: &BodyCache) -> Respons
         return unavailable(Duration::from_secs(60));
     };
     match servable(role, shared.state.request_wait).await {
-        Ok((served, obtained)) => {
-            let body = cache.body_with(&served, |s| render(s, obtained));
+        Ok(served) => {
+            let body = cache.body_with(&served, |s| render(s, obtained(role, s)));
             let mut r = Response::new(Full::new(Chunk::Secret(body, 0)));
             let h = r.headers_mut();
             h.insert(
@@ -267,7 +281,7 @@ async fn credentials(shared: &Shared, imds: &Imds, cache: &BodyCache) -> Respons
 
 /// `{"Code":"Success","LastUpdated":…,"Type":"AWS-HMAC",` followed by the §4.1 body's fields.
 fn render(served: &Served, obtained: UnixTime) -> Zeroizing<Vec<u8>> {
-    let inner = Format::ContainerJson.render("", &served.held.credentials, served.expiration);
+    let inner = Format::ContainerJson.render("", &served.credentials, served.expiration);
     let prefix = format!(
         "{{\"Code\":\"Success\",\"LastUpdated\":\"{}\",\"Type\":\"AWS-HMAC\",",
         obtained.rfc3339()
