@@ -56,13 +56,10 @@ pub struct ImdsConfig {
 }
 
 impl ImdsConfig {
-    /// The `[serve.imds]` section, with the region defaulting to the endpoint host's.
+    /// The `[serve.imds]` section (its region already defaults to the endpoint host's).
     pub fn from_config(config: &crate::config::Config) -> Option<ImdsConfig> {
         let i = config.serve.imds.as_ref()?;
-        let region = i
-            .region
-            .as_deref()
-            .or_else(|| crate::config::endpoint_region(&config.endpoint.host));
+        let region = i.region.as_deref();
         Some(ImdsConfig {
             listen: i.listen,
             role: i.role.as_str().into(),
