@@ -505,3 +505,160 @@ fn allow_uids_guard_tcp_and_imds_by_peer_uid() {
     agent.stop(&env);
     env.assert_no_secrets(&[&other_token]);
 }
+
+/// A network namespace with a veth pair to this one, torn down on drop (also on failure). The
+/// host end carries `169.254.169.254/32` (the IMDS address) and `169.254.171.1/30`; the other end
+/// `169.254.171.2/30` with a route to the IMDS address. (This kernel has no `dummy` link type;
+/// gateways use the systemd-networkd dummy unit.)
+struct Netns {
+    name: String,
+    host_if: String,
+}
+
+impl Netns {
+    fn create() -> Option<Netns> {
+        let id = std::process::id() % 100_000;
+        let ns = Netns {
+            name: format!("iotcred-imds-{id}"),
+            host_if: format!("ivh{id}"),
+        };
+        let peer_if = format!("ivc{id}");
+        let steps: Vec<Vec<String>> = vec![
+            vec!["netns".into(), "add".into(), ns.name.clone()],
+            vec![
+                "link".into(),
+                "add".into(),
+                ns.host_if.clone(),
+                "type".into(),
+                "veth".into(),
+                "peer".into(),
+                "name".into(),
+                peer_if.clone(),
+                "netns".into(),
+                ns.name.clone(),
+            ],
+            vec![
+                "addr".into(),
+                "add".into(),
+                "169.254.171.1/30".into(),
+                "dev".into(),
+                ns.host_if.clone(),
+            ],
+            vec![
+                "addr".into(),
+                "add".into(),
+                "169.254.169.254/32".into(),
+                "dev".into(),
+                ns.host_if.clone(),
+            ],
+            vec!["link".into(), "set".into(), ns.host_if.clone(), "up".into()],
+            ns.exec_args(&["ip", "addr", "add", "169.254.171.2/30", "dev", &peer_if]),
+            ns.exec_args(&["ip", "link", "set", &peer_if, "up"]),
+            ns.exec_args(&["ip", "link", "set", "lo", "up"]),
+            ns.exec_args(&["ip", "route", "add", "169.254.169.254/32", "dev", &peer_if]),
+        ];
+        for args in steps {
+            let ok = Command::new("ip")
+                .args(&args)
+                .status()
+                .is_ok_and(|s| s.success());
+            if !ok {
+                eprintln!("netns setup failed at: ip {}", args.join(" "));
+                return None; // `ns` is dropped here: what was made is removed.
+            }
+        }
+        Some(ns)
+    }
+
+    fn exec_args(&self, cmd: &[&str]) -> Vec<String> {
+        ["netns", "exec", &self.name]
+            .iter()
+            .chain(cmd)
+            .map(|s| s.to_string())
+            .collect()
+    }
+
+    /// curl inside the namespace: (status, body).
+    fn curl(&self, args: &[&str]) -> (u16, String) {
+        let out = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &self.name,
+                "curl",
+                "-sS",
+                "--max-time",
+                "20",
+            ])
+            .args(["-w", "\n%{http_code}"])
+            .args(args)
+            .output()
+            .expect("ip netns exec curl");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
+        (code.trim().parse().unwrap_or(0), body.to_owned())
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.host_if])
+            .status();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
+/// §4.6: a peer in another network namespace has no socket the agent can look up. With
+/// `allow_uids` set it is refused, even as the same uid (root) that is allowed from the host;
+/// without `allow_uids` the token alone decides. The IMDS listener binds 169.254.169.254 on the
+/// host end of a veth pair; hop limit 1 is enough for the directly connected namespace.
+#[test]
+fn peer_in_another_network_namespace_is_refused_when_allow_uids_is_set() {
+    if !is_root() {
+        eprintln!("SKIP peer_in_another_network_namespace_...: needs root (ip netns)");
+        return;
+    }
+    let Some(ns) = Netns::create() else {
+        panic!("cannot create a network namespace with a veth pair (iproute2, root)");
+    };
+    let port = free_port();
+    let addr: SocketAddr = format!("169.254.169.254:{port}").parse().unwrap();
+    for (allow, from_ns) in [("allow_uids = [0]", 403), ("", 200)] {
+        let env = Env::new();
+        let k = env.pki.device_ec.key.display().to_string();
+        let cfg = env.config_with(
+            &env.pki.device_ec.cert,
+            &k,
+            "",
+            &format!("[serve.imds]\nlisten = \"{addr}\"\nrole = \"default\"\n{allow}\n"),
+        );
+        let mut agent = env.start_agent(&cfg);
+        assert!(agent.wait_ready(LIMIT), "{}", agent.log());
+        let put = [
+            "-X",
+            "PUT",
+            "-H",
+            "X-aws-ec2-metadata-token-ttl-seconds: 60",
+        ];
+        let url = format!("http://{addr}/latest/api/token");
+        // From the host (uid 0, same namespace): a token.
+        let (status, host_token) = curl(None, &[&put[..], &[url.as_str()]].concat());
+        assert_eq!(status, 200, "{allow:?}: from the host");
+        // From the other namespace (also uid 0): refused when allow_uids is set.
+        let (status, body) = ns.curl(&[&put[..], &[url.as_str()]].concat());
+        assert_eq!(status, from_ns, "{allow:?}: from the namespace: {body}");
+        let creds = format!("http://{addr}{CREDS}default");
+        let header = format!("X-aws-ec2-metadata-token: {host_token}");
+        let (status, body) = ns.curl(&["-H", &header, &creds]);
+        assert_eq!(status, from_ns, "{allow:?}: GET from the namespace");
+        if from_ns == 200 {
+            assert!(body.contains("AccessKeyId"));
+        }
+        assert_eq!(curl(None, &["-H", &header, &creds]).0, 200);
+        agent.stop(&env);
+        env.assert_no_secrets(&[&host_token]);
+    }
+}
