@@ -19,6 +19,7 @@ pub mod exit;
 pub mod keys;
 pub mod metrics;
 pub mod net;
+pub mod peer;
 pub mod refresh;
 pub mod sdnotify;
 pub mod server;
