@@ -80,16 +80,6 @@ impl Connector {
         }
     }
 
-    /// The endpoint.
-    pub fn server(&self) -> &TlsServer {
-        &self.server
-    }
-
-    /// The proxy in use, if any.
-    pub fn proxy(&self) -> Option<&Proxy> {
-        self.proxy.as_ref()
-    }
-
     /// `host:port` of the endpoint, for messages.
     pub fn target(&self) -> String {
         self.server.to_string()

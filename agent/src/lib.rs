@@ -13,22 +13,23 @@ pub mod cert;
 pub mod client;
 pub mod commands;
 pub mod config;
-pub mod connect;
-pub mod daemon;
+mod connect;
+mod daemon;
 mod der;
 pub mod exit;
 pub mod keys;
 pub mod metrics;
 pub mod net;
-pub mod refresh;
-pub mod sdnotify;
+pub mod peer;
+mod refresh;
+mod sdnotify;
 pub mod server;
-pub mod sinks;
+mod sinks;
 pub mod source;
 pub mod state;
 pub mod sts;
-pub mod tls;
-pub mod upstream;
+mod tls;
+mod upstream;
 
 /// What the cargo-fuzz targets in `fuzz/` reach beyond the public modules: the crate's DER
 /// reader. Only with the `fuzzing` feature; not an API.

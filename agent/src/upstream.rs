@@ -91,14 +91,6 @@ impl UpstreamError {
             _ => None,
         }
     }
-
-    /// HTTP status, if the provider answered.
-    pub fn status(&self) -> Option<u16> {
-        match self {
-            UpstreamError::Exchange { error, .. } => error.status(),
-            _ => None,
-        }
-    }
 }
 
 impl From<ConnectError> for UpstreamError {

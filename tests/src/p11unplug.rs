@@ -19,12 +19,7 @@ use crate::softhsm::{FixtureError, SOFTHSM_MODULE, require_file};
 pub fn module_path() -> PathBuf {
     static MODULE: OnceLock<PathBuf> = OnceLock::new();
     MODULE
-        .get_or_init(|| {
-            crate::agent::cargo_build(
-                &["-p", "iotcred-p11-unplug", "--lib"],
-                "libiotcred_p11_unplug.so",
-            )
-        })
+        .get_or_init(|| crate::agent::cargo_build("libiotcred_p11_unplug.so"))
         .clone()
 }
 

@@ -406,3 +406,50 @@ fn sighup_keeps_a_chained_role_and_chains_can_be_chained() {
     let secrets: Vec<&str> = secrets.iter().map(String::as_str).collect();
     env.assert_no_secrets(&secrets);
 }
+
+#[test]
+fn expired_token_refreshes_the_source_role_then_retries_once() {
+    let env = env();
+    let sts = fake_sts(&env, None);
+    // The first AssumeRole finds the source's token expired (and that key stays refused).
+    sts.push_fault(StsFault::ExpiredToken);
+    let cfg = config(&env, "", &sts.endpoint(), "");
+    let agent = env.start_agent(&cfg);
+    let h = wait_role(&env, "analytics", |r| r["healthy"] == true);
+    assert_eq!(
+        h["failures"], 0,
+        "the retry succeeded within the same attempt: {h}"
+    );
+    let issued = env.provider.issued();
+    assert_eq!(issued.len(), 2, "the source role was refreshed");
+    let reqs = sts.requests();
+    let keys: Vec<_> = reqs.iter().map(|q| q["access_key_id"].clone()).collect();
+    assert_eq!(reqs.len(), 2, "{reqs:?}");
+    assert_eq!(reqs[0]["code"], "ExpiredToken");
+    assert_eq!(keys[0], issued[0].access_key_id.as_str());
+    assert_eq!(keys[1], issued[1].access_key_id.as_str());
+    assert_eq!(reqs[1]["status"], 200);
+    drop(agent);
+}
+
+#[test]
+fn expired_again_after_the_refresh_is_transient_and_recovers() {
+    let env = env();
+    let sts = fake_sts(&env, None);
+    sts.push_fault(StsFault::ExpiredToken);
+    sts.push_fault(StsFault::ExpiredToken);
+    let cfg = config(&env, "", &sts.endpoint(), "");
+    let agent = env.start_agent(&cfg);
+    let h = wait_role(&env, "analytics", |r| r["failures"].as_u64() >= Some(1));
+    let e = h["last_error"].as_str().unwrap();
+    assert!(e.contains("also after refreshing them"), "{e}");
+    // Retried with backoff (a third source refresh, since the second key is refused too).
+    wait_role(&env, "analytics", |r| r["healthy"] == true);
+    let codes: Vec<_> = sts
+        .requests()
+        .iter()
+        .map(|q| q["status"].as_u64().unwrap())
+        .collect();
+    assert_eq!(codes, [400, 400, 400, 200]);
+    drop(agent);
+}

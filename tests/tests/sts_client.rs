@@ -1,97 +1,71 @@
 //! The agent's STS client (SPEC §9) against real servers over real TLS: the signature-verifying
 //! fake STS (botocore recomputes every signature) and moto's STS. Source credentials come from
-//! the fake IoT credentials provider through the agent's own upstream exchange, so the fake
-//! STS checks the signature against the secret the provider really issued.
+//! the fake IoT credentials provider through `iotcred fetch`, so the fake STS checks the
+//! signature against the secret the provider really issued. (The ExpiredToken flow through
+//! the source role's refresher is tested end to end in `sts_chained.rs`.)
 
-use std::sync::Arc;
 use std::time::Duration;
 
-use iotcred_agent::config::{Config, ProviderRole, RoleSource, Sts};
-use iotcred_agent::metrics::Metrics;
+use iotcred_agent::config::Sts;
 use iotcred_agent::net::{HttpsUrl, Proxy};
-use iotcred_agent::refresh::Refresher;
-use iotcred_agent::source::{ProviderSource, Source, SourceError};
-use iotcred_agent::state::{Clock, RoleHandle, role_channel};
-use iotcred_agent::sts::{AssumeRole, ChainedError, ChainedSource, StsClient, StsError};
-use iotcred_agent::upstream::Upstream;
-use iotcred_core::schedule::ScheduleConfig;
+use iotcred_agent::sts::{AssumeRole, StsClient, StsError};
 use iotcred_core::{Credentials, ErrorClass, Secret, UnixTime};
+use iotcred_tests::agent::Env;
 use iotcred_tests::sts::{ConnectProxy, FakeSts, FakeStsOptions, MotoSts, StsFault};
-use iotcred_tests::{FakeProvider, Pki, ProviderHandle};
-use tokio::sync::watch;
 
 const ARN: &str = "arn:aws:iam::210987654321:role/GatewayAnalytics";
 
+/// A PKI and the fake IoT credentials provider (with its admin listener, where the fake STS
+/// looks the source credentials up).
 struct Setup {
-    _dir: tempfile::TempDir,
-    pki: Pki,
-    provider: ProviderHandle,
-    upstream: Arc<Upstream>,
-    provider_role: ProviderRole,
+    env: Option<Env>,
+}
+
+/// The fake provider has its own runtime: it is started and stopped outside the test's workers.
+impl Drop for Setup {
+    fn drop(&mut self) {
+        let env = self.env.take();
+        tokio::task::block_in_place(|| drop(env));
+    }
 }
 
 impl Setup {
     async fn new() -> Setup {
-        let (dir, pki) = Pki::generate_temp("gateway-0042").expect("PKI");
-        let mut cfg = pki.provider_config();
-        cfg.admin = Some("127.0.0.1:0".parse().unwrap());
-        let provider = FakeProvider::start(cfg).await.expect("provider");
-        let text = format!(
-            "endpoint = \"localhost:{}\"\nthing_name = \"gateway-0042\"\ncertificate = \"{}\"\nkey = \"{}\"\nca = \"{}\"\ntimeout_seconds = 10\n[[role]]\nname = \"default\"\nrole_alias = \"GatewayRole\"\n",
-            provider.addr().port(),
-            pki.device_ec.cert.display(),
-            pki.device_ec.key.display(),
-            pki.ca_cert.display()
-        );
-        let config = Config::parse(&text, &dir.path().join("config.toml")).expect("config");
-        let identity = iotcred_agent::tls::load_identity(&config).expect("identity");
-        let upstream = Arc::new(Upstream::new(&config, identity.client_config));
-        let RoleSource::Provider(provider_role) = config.roles[0].source.clone() else {
-            panic!("a provider role")
-        };
-        Setup {
-            _dir: dir,
-            pki,
-            provider,
-            upstream,
-            provider_role,
-        }
+        let env = tokio::task::block_in_place(|| {
+            Env::with_provider(|c| c.admin = Some("127.0.0.1:0".parse().unwrap()))
+        });
+        Setup { env: Some(env) }
     }
 
-    /// Fresh source credentials from the IoT credentials provider.
+    fn env(&self) -> &Env {
+        self.env.as_ref().expect("env")
+    }
+
+    fn provider_admin(&self) -> Option<std::net::SocketAddr> {
+        self.env().provider.admin_addr()
+    }
+
+    /// Fresh source credentials from the IoT credentials provider, through `iotcred fetch`.
     async fn source(&self) -> Credentials {
-        self.upstream
-            .fetch(&self.provider_role)
-            .await
-            .expect("source credentials")
-            .credentials
-    }
-
-    /// The source role "default" with its own refresher over the real upstream, as the agent
-    /// runs it; stops when the returned sender says so.
-    fn source_role(&self) -> (RoleHandle, watch::Sender<bool>) {
-        let (publisher, handle) =
-            role_channel("default", ScheduleConfig::default(), Clock::new(), &[], &[]);
-        let refresher = Refresher {
-            index: 0,
-            source: Arc::new(ProviderSource::new(
-                self.upstream.clone(),
-                self.provider_role.clone(),
-            )),
-            files: Vec::new(),
-            publisher,
-            metrics: Arc::new(Metrics::new(&["default"])),
-        };
-        let (stop, stop_rx) = watch::channel(false);
-        tokio::spawn(refresher.run(stop_rx));
-        (handle, stop)
+        let env = self.env();
+        let cfg = env.config().display().to_string();
+        let out = tokio::task::block_in_place(|| env.run(&["fetch", "--config", &cfg]));
+        assert_eq!(out.code, 0, "{}", out.stderr);
+        let v: serde_json::Value = serde_json::from_str(out.stdout.trim()).unwrap();
+        let s = |k: &str| v[k].as_str().unwrap().to_string();
+        Credentials {
+            access_key_id: s("AccessKeyId"),
+            secret_access_key: Secret::from(s("SecretAccessKey")),
+            session_token: Secret::from(s("Token")),
+            expiration: UnixTime::parse_rfc3339(&s("Expiration")).unwrap(),
+        }
     }
 
     fn fake_sts(&self, external_id: Option<&str>) -> FakeSts {
         FakeSts::start(
-            &self.pki.server,
+            &self.env().pki.server,
             &FakeStsOptions {
-                provider_admin: self.provider.admin_addr(),
+                provider_admin: self.provider_admin(),
                 external_id: external_id.map(str::to_string),
                 ..FakeStsOptions::default()
             },
@@ -99,7 +73,7 @@ impl Setup {
     }
 
     fn client(&self, url: &str, region: &str, ca: Option<&std::path::Path>) -> StsClient {
-        client_with_proxy(url, region, ca.or(Some(&self.pki.ca_cert)), None)
+        client_with_proxy(url, region, ca.or(Some(&self.env().pki.ca_cert)), None)
     }
 }
 
@@ -296,9 +270,9 @@ async fn sts_ca_and_proxy_are_honoured() {
     let s = Setup::new().await;
     // STS presents a certificate from a CA the IoT side does not use.
     let sts = FakeSts::start(
-        &s.pki.untrusted_server,
+        &s.env().pki.untrusted_server,
         &FakeStsOptions {
-            provider_admin: s.provider.admin_addr(),
+            provider_admin: s.provider_admin(),
             ..FakeStsOptions::default()
         },
     );
@@ -315,7 +289,7 @@ async fn sts_ca_and_proxy_are_honoured() {
     let client = client_with_proxy(
         &sts.endpoint(),
         "eu-west-1",
-        Some(&s.pki.untrusted_ca_cert),
+        Some(&s.env().pki.untrusted_ca_cert),
         Some(&proxy.url()),
     );
     client
@@ -335,7 +309,7 @@ async fn sts_ca_and_proxy_are_honoured() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn moto_sts_accepts_the_call_and_its_answer_parses() {
     let s = Setup::new().await;
-    let moto = MotoSts::start(&s.pki.server);
+    let moto = MotoSts::start(&s.env().pki.server);
     let client = s.client(&moto.endpoint(), "eu-west-1", None);
     let source = s.source().await;
     let mut r = role(Some("ext-0042"));
@@ -348,72 +322,4 @@ async fn moto_sts_accepts_the_call_and_its_answer_parses() {
     assert!((1790..=1800).contains(&life), "{life}");
     // moto closes the connection after each answer: the next call opens a new one.
     client.assume_role(&source, &r).await.expect("moto again");
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn chained_source_refreshes_its_source_on_expired_token_then_retries_once() {
-    let s = Setup::new().await;
-    let sts = s.fake_sts(None);
-    let client = Arc::new(s.client(&sts.endpoint(), "eu-west-1", None));
-    let (handle, stop) = s.source_role();
-    let chained = ChainedSource::new(client, role(None), handle.clone(), Duration::from_secs(20));
-
-    let first = chained.fetch().await.expect("first");
-    assert!(first.lifetime <= Duration::from_secs(3600));
-    assert_eq!(s.provider.request_count(), 1);
-
-    // STS refuses the source's token as expired: the source role is refreshed (a second
-    // provider exchange), and the call is made again, once, with the new credentials.
-    sts.push_fault(StsFault::ExpiredToken);
-    let second = chained.fetch().await.expect("after ExpiredToken");
-    assert_ne!(
-        second.credentials.access_key_id,
-        first.credentials.access_key_id
-    );
-    assert_eq!(s.provider.request_count(), 2);
-    let reqs = sts.requests();
-    let keys: Vec<_> = reqs.iter().map(|q| q["access_key_id"].clone()).collect();
-    assert_eq!(reqs.len(), 3, "{reqs:?}");
-    assert_eq!(reqs[1]["code"], "ExpiredToken");
-    assert_eq!(
-        keys[0], keys[1],
-        "the first two calls used the first source credentials"
-    );
-    assert_ne!(
-        keys[1], keys[2],
-        "the retry used the refreshed source credentials"
-    );
-    let issued = s.provider.issued();
-    assert_eq!(keys[2], issued[1].access_key_id.as_str());
-
-    // Expired again after the refresh: reported, not looped on.
-    sts.push_fault(StsFault::ExpiredToken);
-    sts.push_fault(StsFault::ExpiredToken);
-    let e = chained.fetch().await.unwrap_err();
-    assert!(
-        matches!(e, SourceError::Chained(ChainedError::StillExpired(_))),
-        "{e}"
-    );
-    assert_eq!(e.class(), ErrorClass::Transient);
-    let _ = stop.send(true);
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn chained_source_reports_a_source_role_that_is_down() {
-    let s = Setup::new().await;
-    let sts = s.fake_sts(None);
-    s.provider.set_fault(iotcred_tests::Fault::status(503));
-    let client = Arc::new(s.client(&sts.endpoint(), "eu-west-1", None));
-    let (handle, stop) = s.source_role();
-    let chained = ChainedSource::new(client, role(None), handle, Duration::from_secs(3));
-    let e = chained.fetch().await.unwrap_err();
-    assert_eq!(e.class(), ErrorClass::Transient);
-    let m = e.to_string();
-    assert!(
-        m.contains("source role default has no valid credentials"),
-        "{m}"
-    );
-    // Nothing was sent to STS without credentials to sign with.
-    assert!(sts.requests().is_empty());
-    let _ = stop.send(true);
 }

@@ -188,6 +188,7 @@ pub(super) async fn bind_with(
         tokens,
         created_socket,
         limits: cfg.limits(),
+        imds: None,
     })
 }
 
