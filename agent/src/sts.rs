@@ -1,7 +1,7 @@
 //! STS `AssumeRole` for chained roles (SPEC §9): a form-encoded `POST` signed with SigV4
 //! (core's [`sigv4`]) with the source role's credentials and session
 //! token, over HTTPS with the agent's TLS stack and proxy handling
-//! ([`connect`](crate::connect)), the connection kept alive between refreshes.
+//! (`connect.rs`), the connection kept alive between refreshes.
 //!
 //! The XML answer is read with `quick-xml`: `AssumeRoleResponse/AssumeRoleResult/Credentials`
 //! on success, `ErrorResponse/Error/Code|Message` otherwise. Errors are classified per §9:
