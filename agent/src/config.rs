@@ -559,14 +559,17 @@ pub fn parse_mode(s: &str) -> Result<u32, String> {
     }
 }
 
-/// Parses and checks a loopback listen address.
+/// Parses and checks a listen address: loopback, or a link-local address of SPEC §4.5.
 pub fn parse_listen(s: &str) -> Result<SocketAddr, String> {
     let addr: SocketAddr = s
         .parse()
         .map_err(|_| format!("{s:?} is not an address: use 127.0.0.1:PORT or [::1]:PORT"))?;
-    if !addr.ip().is_loopback() {
+    let kind = crate::server::ListenerKind::Credentials;
+    if !crate::server::listen_allowed(addr.ip(), kind) {
         return Err(format!(
-            "{s:?} is not a loopback address: the credentials API binds only to 127.0.0.0/8 or ::1"
+            "{s:?} is not a loopback address: the credentials API binds only to 127.0.0.0/8, ::1 \
+             or the container addresses {}",
+            kind.link_local_text()
         ));
     }
     Ok(addr)
