@@ -126,7 +126,15 @@ impl NetNs {
             let a = a.to_string();
             if a.contains(':') {
                 ip(&["addr", "add", &format!("{a}/128"), "dev", host_if, "nodad"])?;
-                ip(&["-n", name, "route", "add", &format!("{a}/128"), "dev", "ict0"])?;
+                ip(&[
+                    "-n",
+                    name,
+                    "route",
+                    "add",
+                    &format!("{a}/128"),
+                    "dev",
+                    "ict0",
+                ])?;
             } else {
                 ip(&["addr", "add", &format!("{a}/32"), "dev", host_if])?;
                 ip(&[

@@ -167,10 +167,18 @@ fn botocore_in_a_container_namespace_over_the_ecs_address_across_a_restart() {
     let xff = format!("Host: 169.254.170.2\r\nX-Forwarded-For: 10.0.0.1\r\n{auth}");
     assert_eq!(get_in(&ns, to, creds, &xff), 400);
     assert_eq!(
-        get_in(&ns, to, creds, "Host: 169.254.170.2\r\nAuthorization: wrong\r\n"),
+        get_in(
+            &ns,
+            to,
+            creds,
+            "Host: 169.254.170.2\r\nAuthorization: wrong\r\n"
+        ),
         401
     );
-    assert_eq!(get_in(&ns, to, "/v1/health", "Host: 169.254.170.2\r\n"), 200);
+    assert_eq!(
+        get_in(&ns, to, "/v1/health", "Host: 169.254.170.2\r\n"),
+        200
+    );
 
     // Restart: the same runtime directory, the same token; the container's file still works.
     let (code, log) = agent.stop(&env);
@@ -232,4 +240,32 @@ fn botocore_in_a_container_namespace_over_the_eks_ipv6_address() {
         assert_eq!(got, want, "Host: {host}");
     }
     agent.stop(&env);
+}
+
+#[test]
+fn the_fixture_tears_everything_down_when_a_test_fails() {
+    if skip() {
+        return;
+    }
+    let made = std::sync::Mutex::new(String::new());
+    let failed = std::panic::catch_unwind(|| {
+        let ns = NetNs::create(&[ECS]).expect("network namespace");
+        *made.lock().unwrap() = ns.name().to_owned();
+        assert!(Path::new("/run/netns").join(ns.name()).exists());
+        panic!("a failing test");
+    });
+    assert!(failed.is_err());
+    let name = made.into_inner().unwrap();
+    assert!(!name.is_empty());
+    assert!(
+        !Path::new("/run/netns").join(&name).exists(),
+        "{name} left behind"
+    );
+    let links = std::process::Command::new("ip")
+        .args(["-o", "link", "show"])
+        .output()
+        .unwrap();
+    let links = String::from_utf8_lossy(&links.stdout);
+    let host_if = format!("ich{}x", std::process::id());
+    assert!(!links.contains(&host_if), "veth left behind:\n{links}");
 }

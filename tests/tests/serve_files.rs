@@ -40,7 +40,10 @@ async fn token_files_are_private_random_and_kept_across_restarts() {
         // The bind-mountable copy (§4.5): same value, same mode, alone in its 0750 directory.
         let dir = run.join("tokens").join(role);
         assert_eq!(mode_of(&dir), 0o750);
-        let names: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name()).collect();
+        let names: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
         assert_eq!(names, ["token"]);
         assert_eq!(std::fs::read_to_string(dir.join("token")).unwrap(), text);
         assert_eq!(mode_of(&dir.join("token")), 0o640);

@@ -26,7 +26,8 @@ pub enum ListenerKind {
 impl ListenerKind {
     /// The link-local addresses this listener may bind besides loopback.
     pub fn link_local(self) -> &'static [IpAddr] {
-        const CREDENTIALS: &[IpAddr] = &[IpAddr::V4(ECS_V4), IpAddr::V4(EKS_V4), IpAddr::V6(EKS_V6)];
+        const CREDENTIALS: &[IpAddr] =
+            &[IpAddr::V4(ECS_V4), IpAddr::V4(EKS_V4), IpAddr::V6(EKS_V6)];
         const IMDS: &[IpAddr] = &[
             IpAddr::V4(ECS_V4),
             IpAddr::V4(EKS_V4),
@@ -107,7 +108,12 @@ mod tests {
     #[test]
     fn imds_listener_adds_the_metadata_addresses() {
         let k = ListenerKind::Imds;
-        for ok in ["169.254.169.254", "fd00:ec2::254", "169.254.170.2", "127.0.0.1"] {
+        for ok in [
+            "169.254.169.254",
+            "fd00:ec2::254",
+            "169.254.170.2",
+            "127.0.0.1",
+        ] {
             assert!(listen_allowed(ip(ok), k), "{ok}");
         }
         for bad in ["0.0.0.0", "169.254.169.253", "fd00:ec2::1"] {

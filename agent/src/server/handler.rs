@@ -482,7 +482,11 @@ mod tests {
         }
 
         let eks: IpAddr = "fd00:ec2::23".parse().unwrap();
-        for ok in ["[fd00:ec2::23]", "[fd00:ec2::23]:2773", "[FD00:EC2:0::23]:80"] {
+        for ok in [
+            "[fd00:ec2::23]",
+            "[fd00:ec2::23]:2773",
+            "[FD00:EC2:0::23]:80",
+        ] {
             assert!(listener_host(ok, eks), "{ok}");
         }
         for bad in [
@@ -508,7 +512,13 @@ mod tests {
         // Never bound (start-up refuses it), but the check does not lean on that.
         for local in ["10.0.0.1", "0.0.0.0", "192.168.1.2", "fe80::1"] {
             let local: IpAddr = local.parse().unwrap();
-            for host in ["10.0.0.1", "0.0.0.0", "192.168.1.2", "[fe80::1]", "localhost"] {
+            for host in [
+                "10.0.0.1",
+                "0.0.0.0",
+                "192.168.1.2",
+                "[fe80::1]",
+                "localhost",
+            ] {
                 assert!(!listener_host(host, local), "{host} on {local}");
             }
         }

@@ -439,7 +439,11 @@ pub(super) fn remove_token(runtime_dir: &Path, name: &str) {
         match fs::remove_file(&path) {
             Ok(()) => tracing::info!(role = name, "removed token file {}", path.display()),
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => tracing::warn!(role = name, "cannot remove token file {}: {e}", path.display()),
+            Err(e) => tracing::warn!(
+                role = name,
+                "cannot remove token file {}: {e}",
+                path.display()
+            ),
         }
     }
 }
@@ -636,7 +640,10 @@ mod tests {
         // mounted copy is written with it.
         fs::remove_file(run.join("tokens/r/token")).unwrap();
         assert_eq!(role_token(run, "r").unwrap().as_str(), first);
-        assert_eq!(fs::read_to_string(run.join("tokens/r/token")).unwrap(), first);
+        assert_eq!(
+            fs::read_to_string(run.join("tokens/r/token")).unwrap(),
+            first
+        );
 
         // The mounted copy wins when the two differ (containers cannot be told of a change).
         let other = "0123456789abcdef".repeat(4);
@@ -646,8 +653,11 @@ mod tests {
 
         // A narrower mode (0600, 0400) is fine, and is reset to 0640.
         fs::set_permissions(run.join("r.token"), fs::Permissions::from_mode(0o400)).unwrap();
-        fs::set_permissions(run.join("tokens/r/token"), fs::Permissions::from_mode(0o600))
-            .unwrap();
+        fs::set_permissions(
+            run.join("tokens/r/token"),
+            fs::Permissions::from_mode(0o600),
+        )
+        .unwrap();
         assert_eq!(role_token(run, "r").unwrap().as_str(), other);
         assert_eq!(mode_of(&run.join("r.token")), 0o640);
         assert_eq!(mode_of(&run.join("tokens/r/token")), 0o640);
@@ -659,13 +669,43 @@ mod tests {
         let run = d.path();
         let good = "0123456789abcdef".repeat(4);
         let cases: Vec<(&str, Vec<u8>, u32, TokenRejected)> = vec![
-            ("short", b"0123456789abcdef".to_vec(), 0o640, TokenRejected::Format),
-            ("newline", format!("{good}\n").into(), 0o640, TokenRejected::Format),
-            ("upper", good.to_uppercase().into(), 0o640, TokenRejected::Format),
-            ("not-hex", "g".repeat(64).into(), 0o640, TokenRejected::Format),
+            (
+                "short",
+                b"0123456789abcdef".to_vec(),
+                0o640,
+                TokenRejected::Format,
+            ),
+            (
+                "newline",
+                format!("{good}\n").into(),
+                0o640,
+                TokenRejected::Format,
+            ),
+            (
+                "upper",
+                good.to_uppercase().into(),
+                0o640,
+                TokenRejected::Format,
+            ),
+            (
+                "not-hex",
+                "g".repeat(64).into(),
+                0o640,
+                TokenRejected::Format,
+            ),
             ("empty", Vec::new(), 0o640, TokenRejected::Format),
-            ("world-readable", good.clone().into(), 0o644, TokenRejected::Mode),
-            ("group-writable", good.clone().into(), 0o660, TokenRejected::Mode),
+            (
+                "world-readable",
+                good.clone().into(),
+                0o644,
+                TokenRejected::Mode,
+            ),
+            (
+                "group-writable",
+                good.clone().into(),
+                0o660,
+                TokenRejected::Mode,
+            ),
         ];
         for (name, data, mode, why) in &cases {
             let dir = run.join(TOKEN_DIRS).join(name);
@@ -706,7 +746,11 @@ mod tests {
         );
         let t = role_token(run, "link").unwrap();
         assert_ne!(t.as_str(), good);
-        assert_eq!(fs::read_to_string(&target).unwrap(), good, "target untouched");
+        assert_eq!(
+            fs::read_to_string(&target).unwrap(),
+            good,
+            "target untouched"
+        );
         assert!(!fs::symlink_metadata(&link).unwrap().is_symlink());
     }
 
@@ -740,8 +784,14 @@ mod tests {
         assert!(run.join("tokens/kept/token").exists());
         assert!(!run.join("gone.token").exists());
         assert!(!run.join("tokens/gone/token").exists());
-        assert!(run.join("tokens/gone").is_dir(), "directory stays for bind mounts");
-        assert!(run.join("unrelated.token").exists(), "no tokens/ dir: not ours");
+        assert!(
+            run.join("tokens/gone").is_dir(),
+            "directory stays for bind mounts"
+        );
+        assert!(
+            run.join("unrelated.token").exists(),
+            "no tokens/ dir: not ours"
+        );
         // The role comes back: a new token, in the same directory.
         let back = role_token(run, "gone").unwrap();
         assert_ne!(back.as_str(), gone);

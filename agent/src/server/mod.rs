@@ -528,8 +528,7 @@ pub async fn serve(
                     Conn::Unix(s, peer) => run_connection(&shared, s, peer, drain, busy).await,
                     Conn::Tcp(s) => {
                         let local = s.local_addr().ok().map(|a| a.ip());
-                        run_connection(&shared, s, handler::Peer::Tcp { local }, drain, busy)
-                            .await
+                        run_connection(&shared, s, handler::Peer::Tcp { local }, drain, busy).await
                     }
                 }
             };
