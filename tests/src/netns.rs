@@ -15,7 +15,7 @@
 //! route. Namespaces left by test processes that died without unwinding (killed) are deleted by
 //! the next [`NetNs::create`].
 //!
-//! Needs root and `ip` from iproute2 (`tests/install-deps.sh`); [`NetNs::unavailable`] says why
+//! Needs root and `ip` from iproute2 (`tests/install-deps.sh`); [`unavailable`] says why
 //! a test must skip.
 
 use std::net::IpAddr;
