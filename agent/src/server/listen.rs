@@ -180,6 +180,8 @@ pub(super) async fn bind_with(
                     && is_link_local_listen(addr.ip(), ListenerKind::Credentials)
                 {
                     ServeError::AddressMissing(addr)
+                } else if source.kind() == io::ErrorKind::PermissionDenied && addr.port() < 1024 {
+                    ServeError::PrivilegedPort(addr)
                 } else {
                     ServeError::Listen { addr, source }
                 }

@@ -117,6 +117,12 @@ pub enum ServeError {
          dummy interface (systemd/iotcred0.netdev, iotcred0.network) and order iotcred after it"
     )]
     AddressMissing(SocketAddr),
+    /// Binding a port below 1024 needs a privilege the agent does not have.
+    #[error(
+        "cannot listen on {0}: ports below 1024 need privilege, which the agent does not have; \
+         use a port from 1024 up (it goes in the URL), or let systemd bind it (iotcred-tcp.socket)"
+    )]
+    PrivilegedPort(SocketAddr),
     /// Binding the TCP listener failed.
     #[error("cannot listen on {addr}: {source}; is another agent using the port?")]
     Listen {
