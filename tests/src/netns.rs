@@ -10,6 +10,10 @@
 //!                  route 198.18.a.b/32                  route 169.254.170.2/32
 //! ```
 //!
+//! With an IPv6 address (e.g. `fd00:ec2::23`) the namespace's end gets `fd69:6f74:6372::a:b`,
+//! routed the same way, and duplicate address detection is off on both ends so every address,
+//! link-local ones included, is usable at once (no waiting for DAD).
+//!
 //! Everything is torn down in `Drop` (also while a failed test unwinds): deleting the namespace
 //! deletes its veth end, which deletes the pair and, with the host end, the address and the
 //! route. Namespaces left by test processes that died without unwinding (killed) are deleted by
@@ -59,6 +63,7 @@ pub struct NetNs {
     host_if: String,
     host_addrs: Vec<IpAddr>,
     container_addr: IpAddr,
+    container_addr6: IpAddr,
 }
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
@@ -96,11 +101,22 @@ impl NetNs {
             (k >> 8) as u8,
             ((k & 0xff) as u8).clamp(1, 254),
         ]);
+        let container_addr6 = IpAddr::from([
+            0xfd69,
+            0x6f74,
+            0x6372,
+            0,
+            0,
+            0,
+            (k >> 16) as u16,
+            ((k & 0xffff) as u16).max(1),
+        ]);
         let ns = NetNs {
             name: format!("{PREFIX}{pid}-{n}"),
             host_if: format!("ich{pid}x{n}"),
             host_addrs: host_addrs.to_vec(),
             container_addr,
+            container_addr6,
         };
         if ns.host_if.len() > 15 {
             return Err(Error(format!("interface name {} too long", ns.host_if)));
@@ -117,11 +133,30 @@ impl NetNs {
         ip(&[
             "link", "add", host_if, "type", "veth", "peer", "name", "ict0", "netns", name,
         ])?;
+        let v6 = self.host_addrs.iter().any(IpAddr::is_ipv6);
+        if v6 {
+            no_dad(None, host_if)?;
+            no_dad(Some(name), "ict0")?;
+        }
         ip(&["-n", name, "link", "set", "lo", "up"])?;
         ip(&["-n", name, "addr", "add", &format!("{c}/32"), "dev", "ict0"])?;
         ip(&["-n", name, "link", "set", "ict0", "up"])?;
         ip(&["link", "set", host_if, "up"])?;
         ip(&["route", "add", &format!("{c}/32"), "dev", host_if])?;
+        let c6 = self.container_addr6.to_string();
+        if v6 {
+            ip(&[
+                "-n",
+                name,
+                "addr",
+                "add",
+                &format!("{c6}/128"),
+                "dev",
+                "ict0",
+                "nodad",
+            ])?;
+            ip(&["route", "add", &format!("{c6}/128"), "dev", host_if])?;
+        }
         for a in &self.host_addrs {
             let a = a.to_string();
             if a.contains(':') {
@@ -134,6 +169,8 @@ impl NetNs {
                     &format!("{a}/128"),
                     "dev",
                     "ict0",
+                    "src",
+                    &c6,
                 ])?;
             } else {
                 ip(&["addr", "add", &format!("{a}/32"), "dev", host_if])?;
@@ -158,9 +195,14 @@ impl NetNs {
         &self.name
     }
 
-    /// The address of the namespace's end of the veth pair.
+    /// The IPv4 address of the namespace's end of the veth pair.
     pub fn container_addr(&self) -> IpAddr {
         self.container_addr
+    }
+
+    /// The IPv6 address of the namespace's end (configured only when a host address is IPv6).
+    pub fn container_addr6(&self) -> IpAddr {
+        self.container_addr6
     }
 
     /// `ip netns exec <name> program`: a command that runs inside the namespace.
@@ -198,6 +240,16 @@ impl Drop for NetNs {
         // in case the namespace was never made.
         let _ = ip(&["netns", "delete", &self.name]);
         let _ = ip(&["link", "delete", &self.host_if]);
+    }
+}
+
+/// Turns duplicate address detection off on interface `dev` (in namespace `ns`, or the host's),
+/// before it is brought up.
+fn no_dad(ns: Option<&str>, dev: &str) -> Result<(), Error> {
+    let path = format!("/proc/sys/net/ipv6/conf/{dev}/accept_dad");
+    match ns {
+        None => std::fs::write(&path, "0").map_err(|e| Error(format!("{path}: {e}"))),
+        Some(ns) => ip(&["netns", "exec", ns, "sh", "-c", &format!("echo 0 > {path}")]).map(drop),
     }
 }
 
