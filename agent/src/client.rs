@@ -4,6 +4,7 @@
 //! Blocking and single-shot: one connection, `GET /v1/credentials[/{role}]` with
 //! `Connection: close`, the response parsed by the core's HTTP parser.
 
+use crate::exit::Exit;
 use std::io::{self, Read as _, Write as _};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -90,14 +91,14 @@ pub enum GetError {
 impl GetError {
     /// Process exit code (SPEC §5): 2 unknown role, 5 agent unreachable, refusing or without
     /// credentials yet, 1 anything else.
-    pub fn exit_code(&self) -> u8 {
+    pub fn exit(&self) -> Exit {
         match self {
-            GetError::UnknownRole { .. } | GetError::InvalidRole(_) => 2,
+            GetError::UnknownRole { .. } | GetError::InvalidRole(_) => Exit::Config,
             GetError::Unreachable { .. }
             | GetError::SocketPermission { .. }
             | GetError::Refused { .. }
-            | GetError::NotReady { .. } => 5,
-            GetError::Io { .. } | GetError::Protocol(_) => 1,
+            | GetError::NotReady { .. } => Exit::Agent,
+            GetError::Io { .. } | GetError::Protocol(_) => Exit::Other,
         }
     }
 }

@@ -9,21 +9,11 @@ use iotcred_core::UnixTime;
 use iotcred_core::render::Format;
 
 use crate::config::{self, Config};
+use crate::exit::Exit;
+use crate::source::Obtained;
 use crate::tls::{self, Identity};
-use crate::upstream::{Fetched, RoleRequest, Upstream};
-
-/// Exit code: success.
-pub const EXIT_OK: u8 = 0;
-/// Exit code: anything else.
-pub const EXIT_OTHER: u8 = 1;
-/// Exit code: usage or configuration error.
-pub const EXIT_CONFIG: u8 = 2;
-/// Exit code: permanent upstream rejection.
-pub const EXIT_PERMANENT: u8 = 3;
-/// Exit code: transient failure.
-pub const EXIT_TRANSIENT: u8 = 4;
-/// Exit code: agent unreachable, refusing, or without credentials.
-pub const EXIT_AGENT: u8 = 5;
+use crate::upstream::{RoleRequest, Upstream};
+use iotcred_core::schedule::ScheduleConfig;
 
 /// Logs to stderr; level from `IOTCRED_LOG` (a level such as `debug`, or `target=level`
 /// directives like `info,iotcred_agent=trace`), else `default`.
@@ -58,47 +48,59 @@ pub fn init_logging(default: &str) {
     }
 }
 
-fn fail(code: u8, message: impl std::fmt::Display) -> u8 {
+fn fail(code: Exit, message: impl std::fmt::Display) -> Exit {
     eprintln!("iotcred: {message}");
     code
 }
 
 /// Loads the configuration named by `--config` / `IOTCRED_CONFIG` / the default.
-pub fn load_config(path: Option<&Path>) -> Result<Config, u8> {
+pub fn load_config(path: Option<&Path>) -> Result<Config, Exit> {
     let path = config::resolve_path(path);
-    Config::load(&path).map_err(|e| fail(EXIT_CONFIG, e))
+    Config::load(&path).map_err(|e| fail(Exit::Config, e))
 }
 
-fn load_identity(config: &Config) -> Result<Identity, u8> {
-    tls::load_identity(config).map_err(|e| fail(EXIT_CONFIG, e))
+fn load_identity(config: &Config) -> Result<Identity, Exit> {
+    tls::load_identity(config).map_err(|e| fail(Exit::Config, e))
 }
 
-fn runtime() -> Result<tokio::runtime::Runtime, u8> {
+fn runtime() -> Result<tokio::runtime::Runtime, Exit> {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .map_err(|e| fail(EXIT_OTHER, format!("cannot start the runtime: {e}")))
+        .map_err(|e| fail(Exit::Other, format!("cannot start the runtime: {e}")))
 }
 
-async fn fetch_role(upstream: &Upstream, role: &config::Role) -> Result<Fetched, u8> {
+/// One exchange for `role`, refused (like the agent would) when the credentials could not be
+/// served: a command never hands out what the agent would not.
+async fn fetch_role(upstream: &Upstream, role: &config::Role) -> Result<Obtained, Exit> {
     let req = RoleRequest {
         role_alias: role.role_alias.clone(),
         duration: role.duration,
     };
-    upstream
+    let obtained = upstream
         .fetch(&req)
         .await
-        .map_err(|e| fail(e.exit_code() as u8, format!("role {}: {e}", role.name)))
+        .map_err(|e| fail(e.class().into(), format!("role {}: {e}", role.name)))?;
+    ScheduleConfig::default()
+        .check_lifetime(obtained.lifetime)
+        .map_err(|e| fail(Exit::Transient, format!("role {}: {e}", role.name)))?;
+    Ok(obtained)
+}
+
+/// When credentials obtained at `obtained.arrived` expire, on the device's wall clock now.
+fn wall_expiration(obtained: &Obtained) -> UnixTime {
+    let left = obtained.lifetime.saturating_sub(obtained.arrived.elapsed());
+    UnixTime::now().saturating_add(left)
 }
 
 /// `iotcred fetch`: one exchange, printed in `format`.
-pub fn fetch(config: Option<&Path>, role: Option<&str>, format: Format) -> u8 {
-    let inner = || -> Result<(), u8> {
+pub fn fetch(config: Option<&Path>, role: Option<&str>, format: Format) -> Exit {
+    let inner = || -> Result<(), Exit> {
         let config = load_config(config)?;
         let (_, role) = config.role(role).ok_or_else(|| {
             let names: Vec<&str> = config.roles.iter().map(|r| r.name.as_str()).collect();
             fail(
-                EXIT_CONFIG,
+                Exit::Config,
                 format!(
                     "no role {:?} in the config; roles: {}",
                     role.unwrap_or(""),
@@ -108,10 +110,9 @@ pub fn fetch(config: Option<&Path>, role: Option<&str>, format: Format) -> u8 {
         })?;
         let identity = load_identity(&config)?;
         let upstream =
-            Upstream::new(&config, identity.client_config).map_err(|e| fail(EXIT_CONFIG, e))?;
+            Upstream::new(&config, identity.client_config).map_err(|e| fail(Exit::Config, e))?;
         let fetched = runtime()?.block_on(fetch_role(&upstream, role))?;
-        let expiration = fetched.arrived_wall.saturating_add(fetched.issued.lifetime);
-        let text = format.render(&role.name, &fetched.issued.credentials, expiration);
+        let text = format.render(&role.name, &fetched.credentials, wall_expiration(&fetched));
         let mut out = std::io::stdout().lock();
         out.write_all(text.as_bytes())
             .and_then(|_| {
@@ -122,18 +123,18 @@ pub fn fetch(config: Option<&Path>, role: Option<&str>, format: Format) -> u8 {
                 }
             })
             .and_then(|_| out.flush())
-            .map_err(|e| fail(EXIT_OTHER, format!("cannot write output: {e}")))
+            .map_err(|e| fail(Exit::Other, format!("cannot write output: {e}")))
     };
     match inner() {
-        Ok(()) => EXIT_OK,
+        Ok(()) => Exit::Ok,
         Err(c) => c,
     }
 }
 
 /// `iotcred check [--fetch]`: validates everything that can be validated locally, and with
 /// `--fetch` does one exchange per role. Never prints a secret.
-pub fn check(config: Option<&Path>, do_fetch: bool) -> u8 {
-    let inner = || -> Result<(), u8> {
+pub fn check(config: Option<&Path>, do_fetch: bool) -> Exit {
+    let inner = || -> Result<(), Exit> {
         let config = load_config(config)?;
         println!(
             "config: {} OK ({} role(s))",
@@ -180,14 +181,14 @@ pub fn check(config: Option<&Path>, do_fetch: bool) -> u8 {
             return Ok(());
         }
         let upstream = Arc::new(
-            Upstream::new(&config, identity.client_config).map_err(|e| fail(EXIT_CONFIG, e))?,
+            Upstream::new(&config, identity.client_config).map_err(|e| fail(Exit::Config, e))?,
         );
         let rt = runtime()?;
-        let mut worst: Option<u8> = None;
+        let mut worst: Option<Exit> = None;
         for role in &config.roles {
             match rt.block_on(fetch_role(&upstream, role)) {
                 Ok(f) => {
-                    let id = &f.issued.credentials.access_key_id;
+                    let id = &f.credentials.access_key_id;
                     let last4: String = id
                         .chars()
                         .rev()
@@ -196,12 +197,11 @@ pub fn check(config: Option<&Path>, do_fetch: bool) -> u8 {
                         .into_iter()
                         .rev()
                         .collect();
-                    let expiration = f.arrived_wall.saturating_add(f.issued.lifetime);
                     println!(
                         "role {}: OK, credentials expire {} (in {} s), access key id …{last4}",
                         role.name,
-                        expiration.rfc3339(),
-                        f.issued.lifetime.as_secs()
+                        wall_expiration(&f).rfc3339(),
+                        f.lifetime.as_secs()
                     );
                 }
                 Err(code) => worst = Some(worst.map_or(code, |w| w.min(code))),
@@ -210,7 +210,7 @@ pub fn check(config: Option<&Path>, do_fetch: bool) -> u8 {
         worst.map_or(Ok(()), Err)
     };
     match inner() {
-        Ok(()) => EXIT_OK,
+        Ok(()) => Exit::Ok,
         Err(c) => c,
     }
 }
@@ -232,7 +232,7 @@ pub fn socket_path(cli: Option<&Path>) -> std::path::PathBuf {
 }
 
 /// `iotcred get` / `iotcred credential-process`.
-pub fn get(socket: Option<&Path>, role: Option<&str>, format: Format) -> u8 {
+pub fn get(socket: Option<&Path>, role: Option<&str>, format: Format) -> Exit {
     let socket = socket_path(socket);
     match crate::client::get(&socket, role, format) {
         Ok(text) => {
@@ -248,11 +248,11 @@ pub fn get(socket: Option<&Path>, role: Option<&str>, format: Format) -> u8 {
                 })
                 .and_then(|_| out.flush());
             match r {
-                Ok(()) => EXIT_OK,
-                Err(e) => fail(EXIT_OTHER, format!("cannot write output: {e}")),
+                Ok(()) => Exit::Ok,
+                Err(e) => fail(Exit::Other, format!("cannot write output: {e}")),
             }
         }
-        Err(e) => fail(e.exit_code(), e),
+        Err(e) => fail(e.exit(), e),
     }
 }
 
@@ -263,14 +263,14 @@ pub fn keygen(
     algorithm: crate::keys::Algorithm,
     csr_out: Option<&Path>,
     overwrite: bool,
-) -> u8 {
+) -> Exit {
     let src = match crate::keys::KeySource::parse(key) {
         Ok(s) => s,
-        Err(e) => return fail(EXIT_CONFIG, format!("--key: {e}")),
+        Err(e) => return fail(Exit::Config, format!("--key: {e}")),
     };
     let csr = match crate::keys::keygen(&src, subject, algorithm, overwrite) {
         Ok(c) => c,
-        Err(e) => return fail(EXIT_CONFIG, e),
+        Err(e) => return fail(Exit::Config, e),
     };
     let written = match csr_out {
         Some(p) => crate::sinks::write_atomic(p, 0o644, csr.as_bytes())
@@ -291,14 +291,14 @@ pub fn keygen(
                     p.display()
                 ))
             );
-            EXIT_OK
+            Exit::Ok
         }
-        Err(e) => fail(EXIT_OTHER, e),
+        Err(e) => fail(Exit::Other, e),
     }
 }
 
 /// `iotcred run`.
-pub fn run(config: Option<&Path>) -> u8 {
+pub fn run(config: Option<&Path>) -> Exit {
     let config = match load_config(config) {
         Ok(c) => c,
         Err(code) => return code,
@@ -309,7 +309,7 @@ pub fn run(config: Option<&Path>) -> u8 {
         .build()
     {
         Ok(rt) => rt,
-        Err(e) => return fail(EXIT_OTHER, format!("cannot start the runtime: {e}")),
+        Err(e) => return fail(Exit::Other, format!("cannot start the runtime: {e}")),
     };
     rt.block_on(crate::daemon::run(config))
 }

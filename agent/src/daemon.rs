@@ -6,34 +6,140 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use iotcred_core::UnixTime;
-use iotcred_core::schedule::Mode;
+use iotcred_core::schedule::{Mode, ScheduleConfig};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
-use tokio::time::Instant;
 
-use crate::commands::{EXIT_CONFIG, EXIT_OK, EXIT_OTHER};
-use crate::config::Config;
+use crate::config::{Config, Role};
+use crate::exit::Exit;
 use crate::metrics::Metrics;
-use crate::refresh::{Clock, Refresher, schedule_config};
-use crate::state::{RoleHandle, RolePublisher, role_channel};
-use crate::upstream::Upstream;
+use crate::refresh::{Refresher, schedule_config};
+use crate::source::{ProviderSource, Source};
+use crate::state::{Clock, RoleHandle, RolePublisher, role_channel};
+use crate::upstream::{RoleRequest, Upstream};
 use crate::{sdnotify, server, tls};
 
 /// How long in-flight local requests may take to finish after SIGTERM.
 const DRAIN_GRACE: Duration = Duration::from_secs(6);
 
-/// The roles and refreshers of one configuration generation.
+/// One configuration generation: its settings and its running roles.
 struct Generation {
     config: Config,
     cert_pem: Vec<u8>,
+    roles: RoleSet,
+}
+
+/// The running roles: a refresher task per role, and the consumers' handles.
+#[derive(Debug)]
+pub(crate) struct RoleSet {
     handles: Vec<RoleHandle>,
     stop: watch::Sender<bool>,
-    tasks: JoinSet<(String, RolePublisher)>,
+    tasks: JoinSet<RolePublisher>,
+}
+
+impl RoleSet {
+    /// Starts a refresher for every role of `roles`, in order. A role whose publisher is in
+    /// `carried` continues with its schedule and credentials; the others start empty.
+    pub(crate) fn start(
+        roles: &[Role],
+        config: ScheduleConfig,
+        clock: Clock,
+        metrics: &Arc<Metrics>,
+        mut carried: Vec<RolePublisher>,
+        mut source_for: impl FnMut(&Role) -> Arc<dyn Source>,
+    ) -> RoleSet {
+        let (stop, stop_rx) = watch::channel(false);
+        let mut tasks = JoinSet::new();
+        let mut handles = Vec::with_capacity(roles.len());
+        for role in roles {
+            let publisher = match carried.iter().position(|p| p.name() == role.name) {
+                Some(i) => {
+                    let publisher = carried.swap_remove(i);
+                    publisher.carry_over(config);
+                    publisher
+                }
+                None => role_channel(&role.name, config, clock, &[], &[]).0,
+            };
+            handles.push(publisher.handle(&role.allow_uids, &role.allow_gids));
+            let refresher = Refresher {
+                index: metrics.role_index(&role.name).unwrap_or(usize::MAX),
+                source: source_for(role),
+                files: role.files.clone(),
+                publisher,
+                metrics: metrics.clone(),
+            };
+            tasks.spawn(refresher.run(stop_rx.clone()));
+        }
+        RoleSet {
+            handles,
+            stop,
+            tasks,
+        }
+    }
+
+    /// The consumers' handles, in configuration order.
+    pub(crate) fn handles(&self) -> &[RoleHandle] {
+        &self.handles
+    }
+
+    /// Stops every refresher (abandoning fetches under way) and hands back the roles' states.
+    pub(crate) async fn stop(mut self) -> Vec<RolePublisher> {
+        let _ = self.stop.send(true);
+        let mut stopped = Vec::with_capacity(self.handles.len());
+        while let Some(done) = self.tasks.join_next().await {
+            if let Ok(publisher) = done {
+                stopped.push(publisher);
+            }
+        }
+        stopped
+    }
+}
+
+/// The roles of `stopped` (the old generation's) that the new generation continues: those
+/// with the same name and the same source of credentials (role alias and duration). When the
+/// device identity changed, their credentials stay servable while valid, but are refreshed
+/// at once with the new identity.
+pub(crate) fn carried(
+    old: &[Role],
+    new: &[Role],
+    stopped: Vec<RolePublisher>,
+    identity_changed: bool,
+) -> Vec<RolePublisher> {
+    let same = |name: &str| {
+        let o = old.iter().find(|r| r.name == name)?;
+        let n = new.iter().find(|r| r.name == name)?;
+        same_source(o, n).then_some(())
+    };
+    stopped
+        .into_iter()
+        .filter(|p| same(p.name()).is_some())
+        .inspect(|p| {
+            if identity_changed {
+                p.handle_stale();
+            }
+        })
+        .collect()
+}
+
+/// Whether two roles ask for the same credentials.
+fn same_source(a: &Role, b: &Role) -> bool {
+    a.role_alias == b.role_alias && a.duration == b.duration
+}
+
+/// The source of a role on the device's upstream.
+fn source_for(upstream: &Arc<Upstream>, role: &Role) -> Arc<dyn Source> {
+    Arc::new(ProviderSource::new(
+        upstream.clone(),
+        RoleRequest {
+            role_alias: role.role_alias.clone(),
+            duration: role.duration,
+        },
+    ))
 }
 
 /// Runs the agent until SIGTERM/SIGINT. Returns the exit code.
-pub async fn run(config: Config) -> u8 {
+pub async fn run(config: Config) -> Exit {
     let identity = match wait_for_identity(&config).await {
         Ok(i) => i,
         Err(code) => return code,
@@ -47,7 +153,7 @@ pub async fn run(config: Config) -> u8 {
             "iotcred: cannot create runtime_dir {}: {e}",
             config.runtime_dir.display()
         );
-        return EXIT_CONFIG;
+        return Exit::Config;
     }
     tracing::info!(
         version = env!("CARGO_PKG_VERSION"),
@@ -62,7 +168,7 @@ pub async fn run(config: Config) -> u8 {
         Ok(u) => Arc::new(u),
         Err(e) => {
             eprintln!("iotcred: {e}");
-            return EXIT_CONFIG;
+            return Exit::Config;
         }
     };
     let names: Vec<&str> = config.roles.iter().map(|r| r.name.as_str()).collect();
@@ -70,17 +176,32 @@ pub async fn run(config: Config) -> u8 {
     let clock = Clock::new();
 
     let cert_pem = std::fs::read(&config.certificate).unwrap_or_default();
-    let mut generation = start_generation(config, upstream, cert_pem, &metrics, clock, Vec::new());
+    let roles = RoleSet::start(
+        &config.roles,
+        schedule_config(&config),
+        clock,
+        &metrics,
+        Vec::new(),
+        |role| source_for(&upstream, role),
+    );
+    let mut generation = Generation {
+        config,
+        cert_pem,
+        roles,
+    };
     let serve_cfg = server::ServeConfig::from_config(&generation.config);
-    let listeners = match server::bind(&serve_cfg, &generation.handles).await {
+    let listeners = match server::bind(&serve_cfg, generation.roles.handles()).await {
         Ok(l) => l,
         Err(e) => {
             eprintln!("iotcred: {e}");
-            return EXIT_CONFIG;
+            return Exit::Config;
         }
     };
-    let server_state =
-        server::ServerState::new(generation.handles.clone(), metrics.clone(), &serve_cfg);
+    let server_state = server::ServerState::new(
+        generation.roles.handles().to_vec(),
+        metrics.clone(),
+        &serve_cfg,
+    );
     let (server_stop_tx, server_stop_rx) = watch::channel(false);
     let server_task = {
         let state = server_state.clone();
@@ -102,23 +223,23 @@ pub async fn run(config: Config) -> u8 {
         (Ok(a), Ok(b), Ok(c)) => (a, b, c),
         _ => {
             eprintln!("iotcred: cannot install signal handlers");
-            return EXIT_OTHER;
+            return Exit::Other;
         }
     };
     let watchdog = sdnotify::watchdog_interval().map(|d| d / 2);
     let mut watchdog_tick = tokio::time::interval(watchdog.unwrap_or(Duration::from_secs(3600)));
     watchdog_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut changes = merged_changes(&generation.handles);
+    let mut changes = merged_changes(generation.roles.handles());
 
     loop {
-        status.report(&generation.handles);
+        status.report(generation.roles.handles());
         tokio::select! {
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
             _ = sighup.recv() => {
                 sdnotify::reloading();
                 generation = reload(generation, &metrics, clock, &server_state).await;
-                changes = merged_changes(&generation.handles);
+                changes = merged_changes(generation.roles.handles());
                 status.reloaded();
             }
             _ = watchdog_tick.tick(), if watchdog.is_some() => sdnotify::watchdog(),
@@ -128,11 +249,10 @@ pub async fn run(config: Config) -> u8 {
 
     tracing::info!("stopping");
     sdnotify::stopping();
-    let _ = generation.stop.send(true);
     let _ = server_stop_tx.send(true);
     let _ = tokio::time::timeout(DRAIN_GRACE, server_task).await;
-    generation.tasks.shutdown().await;
-    EXIT_OK
+    generation.roles.stop().await;
+    Exit::Ok
 }
 
 /// How often `run` re-checks the clock while it is before the certificate's notBefore.
@@ -142,7 +262,7 @@ const CLOCK_RETRY: Duration = Duration::from_secs(5);
 /// booted in 1970 and has no time sync yet) is not a configuration error for the daemon: it
 /// logs one line naming the clock, then retries until the clock is sane (or SIGTERM/SIGINT).
 /// Any other error is a configuration error (exit 2).
-async fn wait_for_identity(config: &Config) -> Result<tls::Identity, u8> {
+async fn wait_for_identity(config: &Config) -> Result<tls::Identity, Exit> {
     let mut logged = false;
     loop {
         match tls::load_identity(config) {
@@ -169,74 +289,27 @@ async fn wait_for_identity(config: &Config) -> Result<tls::Identity, u8> {
                     signal(SignalKind::terminate()),
                     signal(SignalKind::interrupt()),
                 ) else {
-                    return Err(EXIT_OTHER);
+                    return Err(Exit::Other);
                 };
                 tokio::select! {
                     _ = tokio::time::sleep(CLOCK_RETRY) => {}
-                    _ = term.recv() => return Err(EXIT_OK),
-                    _ = int.recv() => return Err(EXIT_OK),
+                    _ = term.recv() => return Err(Exit::Ok),
+                    _ = int.recv() => return Err(Exit::Ok),
                 }
             }
             Err(e) => {
                 eprintln!("iotcred: {e}");
-                return Err(EXIT_CONFIG);
+                return Err(Exit::Config);
             }
         }
     }
 }
 
-fn start_generation(
-    config: Config,
-    upstream: Arc<Upstream>,
-    cert_pem: Vec<u8>,
-    metrics: &Arc<Metrics>,
-    clock: Clock,
-    carried: Vec<(String, RolePublisher)>,
-) -> Generation {
-    let (stop, stop_rx) = watch::channel(false);
-    let mut tasks = JoinSet::new();
-    let mut handles = Vec::with_capacity(config.roles.len());
-    let sched = schedule_config(&config);
-    let mut carried = carried;
-    for role in &config.roles {
-        let (publisher, handle) = match carried.iter().position(|(n, _)| n == &role.name) {
-            Some(i) => {
-                let (_, publisher) = carried.swap_remove(i);
-                let handle =
-                    publisher.handle(config.refresh.mode, &role.allow_uids, &role.allow_gids);
-                (publisher, handle)
-            }
-            None => role_channel(
-                &role.name,
-                config.refresh.mode,
-                &role.allow_uids,
-                &role.allow_gids,
-            ),
-        };
-        handles.push(handle);
-        let refresher = Refresher {
-            index: metrics.role_index(&role.name).unwrap_or(usize::MAX),
-            role: role.clone(),
-            schedule: sched,
-            upstream: upstream.clone(),
-            publisher,
-            metrics: metrics.clone(),
-            clock,
-        };
-        tasks.spawn(refresher.run(stop_rx.clone()));
-    }
-    Generation {
-        config,
-        cert_pem,
-        handles,
-        stop,
-        tasks,
-    }
-}
-
 /// SIGHUP: re-read the configuration and certificate. An invalid new configuration is logged
-/// and the running one kept. Roles whose identity (endpoint, certificate and its content, key,
-/// thing name, CA, role alias, duration) did not change keep their credentials.
+/// and the running one kept. Roles whose source of credentials did not change continue with
+/// their schedule and credentials ([`carried`]); when the device identity (endpoint,
+/// certificate and its content, key, thing name, CA) changed, they are refreshed at once with
+/// the new one and served meanwhile.
 async fn reload(
     old: Generation,
     metrics: &Arc<Metrics>,
@@ -271,50 +344,47 @@ async fn reload(
         tracing::warn!("[serve] and runtime_dir changes take effect at the next restart");
     }
     let cert_pem = std::fs::read(&new_config.certificate).unwrap_or_default();
-    let same_identity = new_config.endpoint == old.config.endpoint
+    let identity_changed = !(new_config.endpoint == old.config.endpoint
         && new_config.certificate == old.config.certificate
         && cert_pem == old.cert_pem
         && new_config.key.to_string() == old.config.key.to_string()
         && new_config.thing_name == old.config.thing_name
-        && new_config.ca == old.config.ca;
+        && new_config.ca == old.config.ca);
     let Generation {
         config: old_config,
-        stop,
-        mut tasks,
+        roles,
         ..
     } = old;
-    let _ = stop.send(true);
-    let mut carried = Vec::new();
-    while let Some(done) = tasks.join_next().await {
-        let Ok((name, publisher)) = done else {
-            continue;
-        };
-        let unchanged = |n: &crate::config::Role| {
-            old_config.roles.iter().any(|o| {
-                o.name == n.name && o.role_alias == n.role_alias && o.duration == n.duration
-            })
-        };
-        if same_identity
-            && new_config
-                .roles
-                .iter()
-                .any(|n| n.name == name && unchanged(n))
-        {
-            carried.push((name, publisher));
-        }
-    }
+    let stopped = roles.stop().await;
+    let kept = carried(
+        &old_config.roles,
+        &new_config.roles,
+        stopped,
+        identity_changed,
+    );
     tracing::info!(
-        kept = carried.len(),
-        identity_changed = !same_identity,
+        kept = kept.len(),
+        identity_changed,
         "reloading configuration"
     );
-    let generation = start_generation(new_config, upstream, cert_pem, metrics, clock, carried);
-    server.set_roles(generation.handles.clone());
-    tracing::info!(roles = generation.handles.len(), "configuration reloaded");
-    generation
+    let roles = RoleSet::start(
+        &new_config.roles,
+        schedule_config(&new_config),
+        clock,
+        metrics,
+        kept,
+        |role| source_for(&upstream, role),
+    );
+    server.set_roles(roles.handles().to_vec());
+    tracing::info!(roles = roles.handles().len(), "configuration reloaded");
+    Generation {
+        config: new_config,
+        cert_pem,
+        roles,
+    }
 }
 
-/// A receiver that changes whenever any role's snapshot changes.
+/// A receiver that changes whenever any role's state changes.
 fn merged_changes(handles: &[RoleHandle]) -> watch::Receiver<()> {
     let (tx, rx) = watch::channel(());
     for h in handles {
@@ -353,20 +423,22 @@ impl StatusReporter {
     }
 
     fn report(&mut self, handles: &[RoleHandle]) {
-        let now = Instant::now();
         let wall = UnixTime::now();
         let mut parts = Vec::with_capacity(handles.len());
         let mut all_ready = true;
         for h in handles {
-            let snap = h.snapshot();
-            let servable = snap.held.as_ref().is_some_and(|x| x.servable(now));
-            if !servable && h.mode == Mode::Proactive {
+            let now = h.now();
+            let state = h.state();
+            let schedule = &state.schedule;
+            let on_demand = schedule.config().mode == Mode::OnDemand;
+            let served = state.servable(now, wall);
+            if served.is_none() && !on_demand {
                 all_ready = false;
             }
-            let part = match (&snap.held, snap.next_attempt) {
-                (Some(held), next) if servable => {
-                    let exp = held.consumer_expiration(now, wall).rfc3339();
-                    match next {
+            let part = match served {
+                Some(served) => {
+                    let exp = served.expiration.rfc3339();
+                    match schedule.poll_timeout() {
                         Some(n) => format!(
                             "{}: valid until {exp}, next refresh in {}s",
                             h.name,
@@ -375,11 +447,12 @@ impl StatusReporter {
                         None => format!("{}: valid until {exp}", h.name),
                     }
                 }
-                _ if h.mode == Mode::OnDemand && !snap.demanded => format!("{}: on demand", h.name),
-                _ => match &snap.last_error {
+                None if on_demand && !schedule.demanded() => format!("{}: on demand", h.name),
+                None => match &state.last_error {
                     Some(e) => format!(
                         "{}: no credentials ({} failure(s): {e})",
-                        h.name, snap.failures
+                        h.name,
+                        schedule.failures()
                     ),
                     None => format!("{}: fetching", h.name),
                 },
@@ -396,5 +469,139 @@ impl StatusReporter {
             sdnotify::status(&line);
             self.last = line;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Reloads driven with scripted sources in tokio's paused time.
+
+    use std::path::Path;
+
+    use iotcred_core::schedule::Health;
+
+    use super::*;
+    use crate::source::fake::{FakeSource, Reply};
+
+    const HOUR: Duration = Duration::from_secs(3600);
+    const MS: Duration = Duration::from_millis(100);
+
+    fn roles(alias: &str) -> Vec<Role> {
+        let text = format!(
+            "endpoint = \"c2.credentials.iot.eu-west-1.amazonaws.com\"\n\
+             certificate = \"device.pem\"\nkey = \"device.key\"\n\
+             [[role]]\nname = \"default\"\nrole_alias = \"{alias}\"\n"
+        );
+        Config::parse(&text, Path::new("/etc/iotcred/config.toml"))
+            .expect("config")
+            .roles
+    }
+
+    fn start(roles: &[Role], carried: Vec<RolePublisher>, source: &Arc<FakeSource>) -> RoleSet {
+        let metrics = Arc::new(Metrics::new(&["default"]));
+        RoleSet::start(
+            roles,
+            ScheduleConfig::default(),
+            Clock::new(),
+            &metrics,
+            carried,
+            |_| source.clone(),
+        )
+    }
+
+    /// (refresh point, health, access key id) of the only role, at its clock's now.
+    fn plan(set: &RoleSet) -> (Option<iotcred_core::Instant>, Health, Option<String>) {
+        let h = &set.handles()[0];
+        let state = h.state();
+        (
+            state.schedule.refresh_at(),
+            state.schedule.health(h.now()),
+            state.credentials.map(|c| c.access_key_id.clone()),
+        )
+    }
+
+    /// A role running for 20 minutes on one-hour credentials, then stopped for a reload.
+    async fn twenty_minutes_in() -> (Vec<Role>, Vec<RolePublisher>, RolePlan) {
+        let old_roles = roles("GatewayRole");
+        let source = FakeSource::new([(MS, Reply::Issue(HOUR))]);
+        let set = start(&old_roles, Vec::new(), &source);
+        tokio::time::sleep(Duration::from_secs(1200)).await;
+        let before = plan(&set);
+        assert_eq!(before.1, Health::Fresh);
+        let stopped = set.stop().await;
+        (old_roles, stopped, before)
+    }
+
+    type RolePlan = (Option<iotcred_core::Instant>, Health, Option<String>);
+
+    #[tokio::test(start_paused = true)]
+    async fn a_reload_of_an_unchanged_role_keeps_its_refresh_time_and_health() {
+        let (old_roles, stopped, before) = twenty_minutes_in().await;
+        let new_roles = roles("GatewayRole");
+        let kept = carried(&old_roles, &new_roles, stopped, false);
+        assert_eq!(kept.len(), 1);
+        let source = FakeSource::new([]);
+        let set = start(&new_roles, kept, &source);
+        assert_eq!(
+            plan(&set),
+            before,
+            "refresh point, health and credentials kept"
+        );
+        // Nothing is fetched until the original refresh point.
+        let refresh_at = before.0.expect("a refresh point");
+        let now = set.handles()[0].now();
+        let until = refresh_at.saturating_duration_since(now);
+        tokio::time::sleep(until - Duration::from_secs(1)).await;
+        assert_eq!(
+            source.fetches(),
+            0,
+            "fetched before the original refresh point"
+        );
+        source.push(MS, Reply::Issue(HOUR));
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert_eq!(source.fetches(), 1);
+        set.stop().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_changed_identity_keeps_serving_and_refreshes_at_once() {
+        let (old_roles, stopped, before) = twenty_minutes_in().await;
+        let new_roles = roles("GatewayRole");
+        let kept = carried(&old_roles, &new_roles, stopped, true);
+        let source = FakeSource::new([(MS, Reply::Issue(HOUR))]);
+        let set = start(&new_roles, kept, &source);
+        let (_, health, key) = plan(&set);
+        assert_eq!(health, Health::Refreshing);
+        assert_eq!(key, before.2, "the old credentials are still held");
+        let served = set.handles()[0]
+            .credentials(Duration::ZERO)
+            .await
+            .expect("served during the refresh");
+        assert_eq!(Some(served.credentials.access_key_id.clone()), before.2);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(
+            source.fetches(),
+            1,
+            "refreshed at once with the new identity"
+        );
+        let (_, health, key) = plan(&set);
+        assert_eq!(health, Health::Fresh);
+        assert_ne!(key, before.2);
+        set.stop().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_role_asking_for_other_credentials_starts_afresh() {
+        let (old_roles, stopped, _) = twenty_minutes_in().await;
+        let new_roles = roles("OtherRole");
+        let kept = carried(&old_roles, &new_roles, stopped, false);
+        assert!(kept.is_empty());
+        let source = FakeSource::new([(Duration::from_secs(5), Reply::Issue(HOUR))]);
+        let set = start(&new_roles, kept, &source);
+        let refused = set.handles()[0].credentials(Duration::ZERO).await;
+        assert!(refused.is_err(), "credentials of the old role alias served");
+        tokio::time::sleep(Duration::from_secs(6)).await;
+        assert_eq!(source.fetches(), 1);
+        set.stop().await;
     }
 }

@@ -4,17 +4,24 @@
 //! them: configuration, mutual TLS with file or PKCS#11 keys, the refresher tasks, the local HTTP
 //! server, file sinks and the command-line tools.
 
+#![cfg_attr(
+    not(test),
+    deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)
+)]
+
 pub mod cert;
 pub mod client;
 pub mod commands;
 pub mod config;
 pub mod daemon;
+pub mod exit;
 pub mod keys;
 pub mod metrics;
 pub mod refresh;
 pub mod sdnotify;
 pub mod server;
 pub mod sinks;
+pub mod source;
 pub mod state;
 pub mod tls;
 pub mod upstream;

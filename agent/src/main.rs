@@ -1,6 +1,7 @@
 //! `iotcred`: AWS IoT credentials agent for edge gateways.
 // Doc comments on the CLI types are `--help` text, not rustdoc: brackets there are literal.
 #![allow(rustdoc::broken_intra_doc_links)]
+#![deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -173,5 +174,5 @@ fn main() -> ExitCode {
             commands::keygen(&key, &subject, alg, csr_out.as_deref(), overwrite)
         }
     };
-    ExitCode::from(code)
+    code.into()
 }

@@ -2,16 +2,15 @@
 //! text exposition format (version 0.0.4) for `GET /v1/metrics`.
 //!
 //! Nothing here ever sees a secret: the only inputs are role names, outcomes, latencies, HTTP
-//! routes and statuses, and the expiry times read from the role snapshots.
+//! routes and statuses, and the expiry times read from the roles' published schedules.
 
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
 use iotcred_core::UnixTime;
-use tokio::time::Instant;
 
-use crate::state::{RoleHandle, RoleHealth};
+use crate::state::{RoleHandle, RoleState};
 
 /// How one upstream refresh attempt ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -178,18 +177,19 @@ impl Metrics {
 
     /// The Prometheus text exposition of every metric. `roles` supplies the live state (expiry,
     /// health); `now` and `wall` are the monotonic and wall clocks read once by the caller.
-    pub fn render(&self, roles: &[RoleHandle], now: Instant, wall: UnixTime) -> String {
+    pub fn render(&self, roles: &[RoleHandle], wall: UnixTime) -> String {
         let mut out = String::with_capacity(4096);
         // Writing to a String cannot fail.
-        let _ = self.write_to(&mut out, roles, now, wall);
+        let states: Vec<(&RoleHandle, RoleState, iotcred_core::Instant)> =
+            roles.iter().map(|r| (r, r.state(), r.now())).collect();
+        let _ = self.write_to(&mut out, &states, wall);
         out
     }
 
     fn write_to(
         &self,
         out: &mut String,
-        roles: &[RoleHandle],
-        now: Instant,
+        roles: &[(&RoleHandle, RoleState, iotcred_core::Instant)],
         wall: UnixTime,
     ) -> std::fmt::Result {
         writeln!(
@@ -206,9 +206,9 @@ impl Metrics {
             "gauge",
             "Expiration of the held credentials as handed to consumers (device wall clock).",
         )?;
-        for r in roles {
-            if let Some(h) = r.snapshot().held {
-                let exp = h.consumer_expiration(now, wall).as_secs();
+        for (r, state, now) in roles {
+            if let Some(remaining) = state.schedule.remaining(*now) {
+                let exp = wall.saturating_add(remaining).as_secs();
                 writeln!(
                     out,
                     "iotcred_credentials_expiry_timestamp_seconds{{role=\"{}\"}} {exp}",
@@ -223,12 +223,11 @@ impl Metrics {
             "gauge",
             "Lifetime left of the held credentials (0 when none or expired).",
         )?;
-        for r in roles {
-            let rem = r
-                .snapshot()
-                .held
-                .map(|h| h.remaining(now).as_secs_f64())
-                .unwrap_or(0.0);
+        for (r, state, now) in roles {
+            let rem = state
+                .schedule
+                .remaining(*now)
+                .map_or(0.0, |d| d.as_secs_f64());
             writeln!(
                 out,
                 "iotcred_credentials_remaining_seconds{{role=\"{}\"}} {rem:.3}",
@@ -242,8 +241,8 @@ impl Metrics {
             "gauge",
             "1 when the role holds credentials outside its refresh window (as /v1/health).",
         )?;
-        for r in roles {
-            let v = u8::from(r.health(now) == RoleHealth::Healthy);
+        for (r, state, now) in roles {
+            let v = u8::from(state.schedule.healthy(*now));
             writeln!(
                 out,
                 "iotcred_role_healthy{{role=\"{}\"}} {v}",
@@ -257,12 +256,12 @@ impl Metrics {
             "gauge",
             "Failed refresh attempts since the last success.",
         )?;
-        for r in roles {
+        for (r, state, _) in roles {
             writeln!(
                 out,
                 "iotcred_refresh_consecutive_failures{{role=\"{}\"}} {}",
                 Label(&r.name),
-                r.snapshot().failures
+                state.schedule.failures()
             )?;
         }
 
@@ -412,7 +411,7 @@ mod tests {
         m.refresh_result(0, RefreshOutcome::Success, Duration::from_millis(70));
         m.refresh_result(0, RefreshOutcome::Transient, Duration::from_secs(100));
         m.refresh_result(7, RefreshOutcome::Success, Duration::from_secs(1));
-        let text = m.render(&[], Instant::now(), UnixTime::from_secs(0));
+        let text = m.render(&[], UnixTime::from_secs(0));
         assert!(
             text.contains("iotcred_upstream_latency_seconds_bucket{role=\"a\\\"b\",le=\"0.05\"} 0")
         );

@@ -1,55 +1,20 @@
-//! One refresher task per role: drives core's [`Schedule`] with tokio timers, runs the upstream
-//! exchange, publishes results on the role's watch channel and rewrites its file sinks.
+//! One refresher task per role: drives the role's schedule with tokio timers, asks the role's
+//! [`Source`] when the schedule says so, and rewrites the role's file sinks.
+//!
+//! The refresher keeps no state of its own: the schedule lives in the role's published state
+//! ([`crate::state`]), and every outcome goes there through the [`RolePublisher`].
 
 use std::sync::Arc;
-use std::time::Duration;
 
-use iotcred_core::schedule::{Action, Schedule, ScheduleConfig};
-use iotcred_core::{ErrorClass, MIN_REMAINING, UnixTime};
+use iotcred_core::schedule::{Action, ScheduleConfig};
+use iotcred_core::{ErrorClass, MIN_REMAINING};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use crate::config::{Config, FileSink, Role};
+use crate::config::{Config, FileSink};
 use crate::metrics::{Metrics, RefreshOutcome};
-use crate::state::{Held, RolePublisher};
-use crate::upstream::{RoleRequest, Upstream};
-
-/// Maps tokio's monotonic clock onto core's [`iotcred_core::Instant`].
-#[derive(Clone, Copy, Debug)]
-pub struct Clock {
-    origin: Instant,
-}
-
-impl Clock {
-    /// A clock whose origin is now.
-    pub fn new() -> Clock {
-        Clock {
-            origin: Instant::now(),
-        }
-    }
-
-    /// Core's view of `t`.
-    pub fn to_core(&self, t: Instant) -> iotcred_core::Instant {
-        let ms = t.saturating_duration_since(self.origin).as_millis();
-        iotcred_core::Instant::from_millis(u64::try_from(ms).unwrap_or(u64::MAX))
-    }
-
-    /// Core's view of now.
-    pub fn now(&self) -> iotcred_core::Instant {
-        self.to_core(Instant::now())
-    }
-
-    /// Tokio's view of a core instant.
-    pub fn to_tokio(&self, t: iotcred_core::Instant) -> Instant {
-        self.origin + Duration::from_millis(t.as_millis())
-    }
-}
-
-impl Default for Clock {
-    fn default() -> Self {
-        Self::new()
-    }
-}
+use crate::source::Source;
+use crate::state::{Failure, RolePublisher, RoleState};
 
 /// A uniformly random `u32` from the OS.
 pub fn random_u32() -> u32 {
@@ -76,159 +41,122 @@ pub fn schedule_config(config: &Config) -> ScheduleConfig {
 pub struct Refresher {
     /// Index of the role (metrics label position).
     pub index: usize,
-    /// The role.
-    pub role: Role,
-    /// Schedule settings.
-    pub schedule: ScheduleConfig,
-    /// Shared upstream (one device identity for all roles).
-    pub upstream: Arc<Upstream>,
-    /// Where results go.
+    /// Where the role's credentials come from.
+    pub source: Arc<dyn Source>,
+    /// The role's file sinks.
+    pub files: Vec<FileSink>,
+    /// The role's state.
     pub publisher: RolePublisher,
     /// Metrics.
     pub metrics: Arc<Metrics>,
-    /// Clock mapping.
-    pub clock: Clock,
 }
 
 impl Refresher {
-    /// Runs until `shutdown` turns true, then hands back the role name and its publisher (so a
-    /// reload can keep the role's credentials). A publisher that already holds servable
-    /// credentials (carried over a reload) is refreshed on their remaining lifetime.
-    pub async fn run(self, mut shutdown: watch::Receiver<bool>) -> (String, RolePublisher) {
+    /// Runs until `shutdown` turns true, then hands back the role's publisher, so that a reload
+    /// can continue the role with its schedule and credentials. A fetch under way at shutdown
+    /// is abandoned (its future dropped).
+    pub async fn run(self, mut shutdown: watch::Receiver<bool>) -> RolePublisher {
         let Refresher {
             index,
-            role,
-            schedule: sched_cfg,
-            upstream,
+            source,
+            files,
             publisher,
             metrics,
-            clock,
         } = self;
-        let request = RoleRequest {
-            role_alias: role.role_alias.clone(),
-            duration: role.duration,
-        };
-        let mut schedule = Schedule::new(sched_cfg, clock.now());
+        let role = publisher.name().to_owned();
         // A previous run killed mid-write may have left temporary files next to the sinks.
-        for sink in &role.files {
+        for sink in &files {
             crate::sinks::remove_stale_temps(&sink.path);
-        }
-        if let Some(held) = publisher
-            .snapshot()
-            .held
-            .filter(|h| h.servable(Instant::now()))
-        {
-            // Carried over from before a reload: keep its plan.
-            let remaining = held.remaining(Instant::now());
-            schedule.handle_issued(clock.now(), remaining, random_u32());
         }
         loop {
             if *shutdown.borrow() {
-                publisher.update(|s| s.fetching = false);
-                return (role.name, publisher);
+                return publisher;
             }
-            let now = clock.now();
-            if let Some(Action::Fetch) = schedule.poll_action(now) {
-                publisher.update(|s| s.fetching = true);
+            if let Some(Action::Fetch) = publisher.poll_action() {
                 let started = Instant::now();
                 let result = tokio::select! {
-                    r = upstream.fetch(&request) => r,
+                    r = source.fetch() => r,
                     _ = shutdown.changed() => continue,
                 };
-                let done = Instant::now();
-                match result {
-                    Ok(f) => {
-                        let lifetime = f.issued.lifetime;
-                        let arrived_core = clock.to_core(f.arrived);
-                        schedule.handle_issued(arrived_core, lifetime, random_u32());
-                        let expires_at = f.arrived + lifetime;
-                        let refresh_at = schedule
-                            .refresh_at()
-                            .map(|t| clock.to_tokio(t))
-                            .unwrap_or(expires_at);
-                        let held = Arc::new(Held {
-                            credentials: f.issued.credentials,
-                            expires_at,
-                            refresh_at,
-                            issued_wall: f.arrived_wall,
+                let failure = match result {
+                    Ok(obtained) => {
+                        let latency = obtained.latency;
+                        let lifetime = obtained.lifetime;
+                        let issued = publisher.handle_issued(obtained, random_u32(), |state| {
+                            write_files(&role, &files, state, publisher.clock_now());
+                            log_refreshed(&role, state, lifetime, latency);
                         });
-                        metrics.refresh_result(index, RefreshOutcome::Success, f.latency);
-                        tracing::info!(
-                            role = %role.name,
-                            alias = role.role_alias.as_str(),
-                            lifetime_s = lifetime.as_secs(),
-                            latency_ms = f.latency.as_millis() as u64,
-                            next_refresh_in_s = refresh_at.saturating_duration_since(done).as_secs(),
-                            "credentials refreshed"
-                        );
-                        write_files(&role.name, &role.files, &held);
-                        publisher.update(|s| {
-                            s.held = Some(held);
-                            s.fetching = false;
-                            s.failures = 0;
-                            s.last_error = None;
-                            s.last_refresh = Some(UnixTime::now());
-                            s.next_attempt = schedule.poll_timeout().map(|t| clock.to_tokio(t));
-                        });
+                        match issued {
+                            Ok(()) => {
+                                metrics.refresh_result(index, RefreshOutcome::Success, latency);
+                                continue;
+                            }
+                            Err(unservable) => {
+                                metrics.refresh_result(index, RefreshOutcome::Transient, latency);
+                                unservable.to_string()
+                            }
+                        }
                     }
                     Err(e) => {
-                        if !matches!(e, crate::upstream::UpstreamError::Exchange { .. }) {
-                            upstream.reset();
-                        }
-                        schedule.handle_failure(
-                            clock.now(),
-                            e.class(),
-                            e.retry_after(),
-                            random_u32(),
-                        );
                         let outcome = match e.class() {
                             ErrorClass::Permanent => RefreshOutcome::Permanent,
                             ErrorClass::Transient => RefreshOutcome::Transient,
                         };
-                        metrics.refresh_result(
-                            index,
-                            outcome,
-                            done.saturating_duration_since(started),
-                        );
-                        let next = schedule.poll_timeout().map(|t| clock.to_tokio(t));
-                        let retry_in = next.map(|t| t.saturating_duration_since(done).as_secs());
+                        metrics.refresh_result(index, outcome, started.elapsed());
                         let message: Arc<str> = e.to_string().into();
-                        publisher.update(|s| {
-                            s.fetching = false;
-                            s.failures += 1;
-                            s.last_error = Some(message.clone());
-                            s.last_failure = Some(UnixTime::now());
-                            s.next_attempt = next;
-                        });
-                        let snap = publisher.snapshot();
-                        let serving = snap.held.as_ref().is_some_and(|h| h.servable(done));
-                        tracing::warn!(
-                            role = %role.name,
-                            failures = snap.failures,
-                            retry_in_s = retry_in,
-                            still_serving = serving,
-                            "refresh failed: {message}"
+                        publisher.handle_failure(
+                            Failure {
+                                class: e.class(),
+                                retry_after: e.retry_after(),
+                                message: message.clone(),
+                            },
+                            random_u32(),
                         );
+                        message.to_string()
                     }
-                }
+                };
+                let state = publisher.state();
+                let now = publisher.clock_now();
+                tracing::warn!(
+                    role = %role,
+                    failures = state.schedule.failures(),
+                    retry_in_s = state
+                        .schedule
+                        .poll_timeout()
+                        .map(|t| t.saturating_duration_since(now).as_secs()),
+                    still_serving = state.schedule.servable(now),
+                    "refresh failed: {failure}"
+                );
                 continue;
             }
-            let deadline = schedule.poll_timeout().map(|t| clock.to_tokio(t));
-            publisher.update_if(|s| {
-                let changed = s.next_attempt != deadline;
-                s.next_attempt = deadline;
-                changed
-            });
+            let deadline = publisher.poll_timeout();
             tokio::select! {
                 _ = sleep_until_opt(deadline) => {}
-                _ = publisher.demanded() => {
-                    publisher.update(|s| s.demanded = true);
-                    schedule.handle_demand(clock.now());
-                }
+                _ = publisher.next_signal() => {}
                 _ = shutdown.changed() => {}
             }
         }
     }
+}
+
+fn log_refreshed(
+    role: &str,
+    state: &RoleState,
+    lifetime: std::time::Duration,
+    latency: std::time::Duration,
+) {
+    let schedule = &state.schedule;
+    let next_refresh_in_s = match (schedule.refresh_at(), schedule.issued_at()) {
+        (Some(at), Some(issued)) => at.saturating_duration_since(issued).as_secs(),
+        _ => 0,
+    };
+    tracing::info!(
+        role,
+        lifetime_s = lifetime.as_secs(),
+        latency_ms = latency.as_millis() as u64,
+        next_refresh_in_s,
+        "credentials refreshed"
+    );
 }
 
 async fn sleep_until_opt(deadline: Option<Instant>) {
@@ -238,11 +166,14 @@ async fn sleep_until_opt(deadline: Option<Instant>) {
     }
 }
 
-/// Rewrites every file sink of a role; failures are logged and do not stop the agent.
-pub fn write_files(role: &str, files: &[FileSink], held: &Held) {
-    let expiration = held.consumer_expiration(Instant::now(), UnixTime::now());
+/// Rewrites every file sink of a role from its state; failures are logged and do not stop the
+/// agent (the previous file stays whole).
+pub fn write_files(role: &str, files: &[FileSink], state: &RoleState, now: iotcred_core::Instant) {
+    let Some(served) = state.servable(now, iotcred_core::UnixTime::now()) else {
+        return;
+    };
     for sink in files {
-        if let Err(e) = crate::sinks::write_sink(sink, role, held, expiration) {
+        if let Err(e) = crate::sinks::write_sink(sink, role, &served) {
             tracing::error!(
                 role,
                 path = %sink.path.display(),
@@ -251,3 +182,6 @@ pub fn write_files(role: &str, files: &[FileSink], held: &Held) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

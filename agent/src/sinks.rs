@@ -6,8 +6,7 @@ use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 
 use crate::config::FileSink;
-use crate::state::Held;
-use iotcred_core::UnixTime;
+use crate::state::Served;
 
 /// Replaces `path` with `contents` so that a reader sees either the old or the new file, never
 /// a partial one, and never a file with a mode wider than `mode`:
@@ -73,14 +72,11 @@ pub fn remove_stale_temps(path: &Path) {
     }
 }
 
-/// Writes one sink for `role` from the held credentials.
-pub fn write_sink(
-    sink: &FileSink,
-    role: &str,
-    held: &Held,
-    expiration: UnixTime,
-) -> io::Result<()> {
-    let text = sink.format.render(role, &held.credentials, expiration);
+/// Writes one sink for `role` from servable credentials.
+pub fn write_sink(sink: &FileSink, role: &str, served: &Served) -> io::Result<()> {
+    let text = sink
+        .format
+        .render(role, &served.credentials, served.expiration);
     write_atomic(&sink.path, sink.mode, text.as_bytes())
 }
 

@@ -7,9 +7,7 @@ use std::time::Duration;
 
 use embedded_io_adapters::tokio_1::FromTokio;
 use iotcred_core::exchange::{ExchangeError, parse_response};
-use iotcred_core::{
-    CredentialDuration, ErrorClass, Issued, Request, RoleAlias, ThingName, UnixTime,
-};
+use iotcred_core::{CredentialDuration, ErrorClass, Request, RoleAlias, ThingName, UnixTime};
 use iotcred_core::{FetchError, HttpError};
 use rustls::ClientConfig;
 use rustls_pki_types::ServerName;
@@ -20,6 +18,7 @@ use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 
 use crate::config::{Config, Endpoint};
+use crate::source::Obtained;
 
 /// Why an exchange failed. `Display` is one line that says what is wrong and what to do; it
 /// never contains a secret.
@@ -68,14 +67,6 @@ pub enum UpstreamError {
         /// Why.
         source: io::Error,
     },
-    /// The provider issued credentials that expire too soon to be handed out.
-    #[error(
-        "the credentials provider issued credentials valid for only {secs} s (less than 60 s): check the provider's clock and the role alias's credentialDurationSeconds"
-    )]
-    ShortLived {
-        /// Lifetime received.
-        secs: u64,
-    },
     /// No answer in time.
     #[error(
         "no answer from {target} within {secs} s (timeout_seconds); check the network path to the endpoint"
@@ -112,14 +103,6 @@ impl UpstreamError {
             _ => None,
         }
     }
-
-    /// SPEC §5 exit code: 3 permanent, 4 transient.
-    pub fn exit_code(&self) -> i32 {
-        match self.class() {
-            ErrorClass::Permanent => 3,
-            ErrorClass::Transient => 4,
-        }
-    }
 }
 
 /// What one role asks for.
@@ -129,19 +112,6 @@ pub struct RoleRequest {
     pub role_alias: RoleAlias,
     /// Duration header.
     pub duration: Option<CredentialDuration>,
-}
-
-/// Credentials received, with the moment they arrived on the monotonic clock.
-#[derive(Debug)]
-pub struct Fetched {
-    /// Parsed credentials and lifetime.
-    pub issued: Issued,
-    /// When the response arrived.
-    pub arrived: Instant,
-    /// Wall clock when it arrived.
-    pub arrived_wall: UnixTime,
-    /// Time from start of the attempt to the response (connection set-up included).
-    pub latency: Duration,
 }
 
 /// An HTTP CONNECT proxy.
@@ -274,8 +244,18 @@ impl Upstream {
     }
 
     /// One exchange: reuse the idle connection if there is one (falling back to a new
-    /// connection if it turns out dead before any answer), else connect.
-    pub async fn fetch(&self, role: &RoleRequest) -> Result<Fetched, UpstreamError> {
+    /// connection if it turns out dead before any answer), else connect. After a failure other
+    /// than an answer from the provider, no idle connection is kept (the next fetch connects
+    /// anew).
+    pub async fn fetch(&self, role: &RoleRequest) -> Result<Obtained, UpstreamError> {
+        let result = self.attempt(role).await;
+        if matches!(&result, Err(e) if !matches!(e, UpstreamError::Exchange { .. })) {
+            self.reset();
+        }
+        result
+    }
+
+    async fn attempt(&self, role: &RoleRequest) -> Result<Obtained, UpstreamError> {
         let start = Instant::now();
         let deadline = start + self.timeout;
         let reused = self.idle.lock().unwrap_or_else(|e| e.into_inner()).take();
@@ -285,7 +265,7 @@ impl Upstream {
                 other => {
                     return other
                         .map_err(|f| self.failure(f))
-                        .map(|f| f.with_latency(start));
+                        .map(|f| with_latency(f, start));
                 }
             }
         }
@@ -295,11 +275,11 @@ impl Upstream {
         self.exchange(conn, role, deadline, false)
             .await
             .map_err(|f| self.failure(f))
-            .map(|f| f.with_latency(start))
+            .map(|f| with_latency(f, start))
     }
 
-    /// Drops the idle connection (after a connection or TLS error, or on reload).
-    pub fn reset(&self) {
+    /// Drops the idle connection.
+    fn reset(&self) {
         self.idle.lock().unwrap_or_else(|e| e.into_inner()).take();
     }
 
@@ -350,7 +330,7 @@ impl Upstream {
         role: &RoleRequest,
         deadline: Instant,
         reused: bool,
-    ) -> Result<Fetched, ExchangeFailure> {
+    ) -> Result<Obtained, ExchangeFailure> {
         let request = match Request::new(
             &self.endpoint.host,
             self.endpoint.port,
@@ -374,7 +354,6 @@ impl Upstream {
         )
         .await;
         let arrived = Instant::now();
-        let arrived_wall = UnixTime::now();
         let target = self.target();
         let response = match result {
             Err(_) => return Err(ExchangeFailure::Error(self.timeout_error())),
@@ -385,7 +364,9 @@ impl Upstream {
                 return Err(ExchangeFailure::StaleConnection);
             }
             Ok(Err(FetchError::Exchange(error))) => {
-                let message = explain(&error, self.thing_name.as_ref(), &role.role_alias);
+                let message = error
+                    .explain(self.thing_name.as_ref(), &role.role_alias)
+                    .to_string();
                 return Err(ExchangeFailure::Error(UpstreamError::Exchange {
                     error,
                     message,
@@ -424,19 +405,16 @@ impl Upstream {
             *self.idle.lock().unwrap_or_else(|e| e.into_inner()) = Some(stream.into_inner());
         }
         match parse_response(&response, wall_now) {
-            Ok(issued) if issued.lifetime < iotcred_core::MIN_REMAINING => {
-                Err(ExchangeFailure::Error(UpstreamError::ShortLived {
-                    secs: issued.lifetime.as_secs(),
-                }))
-            }
-            Ok(issued) => Ok(Fetched {
-                issued,
+            Ok(issued) => Ok(Obtained {
+                credentials: issued.credentials,
+                lifetime: issued.lifetime,
                 arrived,
-                arrived_wall,
                 latency: Duration::ZERO,
             }),
             Err(error) => {
-                let message = explain(&error, self.thing_name.as_ref(), &role.role_alias);
+                let message = error
+                    .explain(self.thing_name.as_ref(), &role.role_alias)
+                    .to_string();
                 Err(ExchangeFailure::Error(UpstreamError::Exchange {
                     error,
                     message,
@@ -462,11 +440,9 @@ enum ExchangeFailure {
     Error(UpstreamError),
 }
 
-impl Fetched {
-    fn with_latency(mut self, start: Instant) -> Fetched {
-        self.latency = self.arrived.saturating_duration_since(start);
-        self
-    }
+fn with_latency(mut obtained: Obtained, start: Instant) -> Obtained {
+    obtained.latency = obtained.arrived.saturating_duration_since(start);
+    obtained
 }
 
 async fn tcp_connect(host: &str, port: u16) -> Result<TcpStream, UpstreamError> {
@@ -583,38 +559,6 @@ fn tls_message(e: &io::Error, target: &str) -> String {
         }
         Some(other) => format!("TLS with {target} failed: {other}"),
         None => format!("TLS with {target} failed: {e}"),
-    }
-}
-
-/// One line for a provider error, naming the fix where the status tells it.
-pub fn explain(error: &ExchangeError, thing: Option<&ThingName>, alias: &RoleAlias) -> String {
-    let provider_msg = error
-        .message()
-        .map(|m| format!(" ({m:?})"))
-        .unwrap_or_default();
-    let thing_s = thing.map(|t| t.as_str()).unwrap_or("(none configured)");
-    match error.status() {
-        Some(400) => format!(
-            "the credentials provider refused the request (400){provider_msg}: check thing_name and duration_seconds (900-43200, at most the role alias's credentialDurationSeconds)"
-        ),
-        Some(401) => format!(
-            "the credentials provider refused the device certificate (401){provider_msg}: check that the certificate is ACTIVE in AWS IoT"
-        ),
-        Some(403) => format!(
-            "the credentials provider denied access (403){provider_msg}: the certificate is not attached to thing {thing_s}, or the IoT policy denies iot:AssumeRoleWithCertificate for role alias {}",
-            alias.as_str()
-        ),
-        Some(404) => format!(
-            "role alias {} not found (404){provider_msg}: create it (aws iot create-role-alias) or fix role_alias, and check endpoint is the iot:CredentialProvider endpoint of the right region",
-            alias.as_str()
-        ),
-        Some(429) => format!(
-            "the credentials provider is throttling (429){provider_msg}: will retry with backoff"
-        ),
-        Some(s) if s >= 500 => {
-            format!("the credentials provider failed ({s}){provider_msg}: will retry with backoff")
-        }
-        _ => format!("the credentials provider's answer is unusable: {error}"),
     }
 }
 

@@ -148,7 +148,7 @@ fn run(scenario: &Scenario, seed: u64) -> Report {
                     report.last_recovery_ms = report.last_recovery_ms.max(t);
                 }
                 device.consecutive_failures = 0;
-                device.schedule.handle_issued(now, LIFETIME, rng.next_u32());
+                let _ = device.schedule.handle_issued(now, LIFETIME, rng.next_u32());
                 report.issued += 1;
             }
             _ => {

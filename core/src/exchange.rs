@@ -96,33 +96,113 @@ impl ExchangeError {
     }
 }
 
+/// An [`ExchangeError`] told with what the device asked for: the thing name and role alias
+/// fill in the hint for a rejection. From [`ExchangeError::explain`]; `Display` only.
+#[derive(Clone, Copy, Debug)]
+pub struct Explained<'a> {
+    error: &'a ExchangeError,
+    thing: Option<&'a str>,
+    alias: Option<&'a str>,
+}
+
+impl ExchangeError {
+    /// This error told with the request's thing name and role alias, so the hint for a
+    /// rejection names them ([`Display`](fmt::Display) of the error alone names neither).
+    pub fn explain<'a>(
+        &'a self,
+        thing: Option<&'a crate::ThingName>,
+        alias: &'a crate::RoleAlias,
+    ) -> Explained<'a> {
+        Explained {
+            error: self,
+            thing: thing.map(crate::ThingName::as_str),
+            alias: Some(alias.as_str()),
+        }
+    }
+}
+
 impl fmt::Display for ExchangeError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
+        Explained {
+            error: self,
+            thing: None,
+            alias: None,
+        }
+        .fmt(f)
+    }
+}
+
+/// The one table of what each rejection status means and what to do about it (SPEC §2):
+/// `message` is the provider's own, shown quoted after the status.
+fn explain_status(
+    f: &mut fmt::Formatter<'_>,
+    status: u16,
+    message: Option<&str>,
+    thing: Option<&str>,
+    alias: Option<&str>,
+) -> fmt::Result {
+    let alias = alias.unwrap_or("(the configured role_alias)");
+    let said = Said(message);
+    match status {
+        400 => write!(
+            f,
+            "the credentials provider refused the request (400){said}: check thing_name and duration_seconds (900-43200, at most the role alias's credentialDurationSeconds)"
+        ),
+        401 => write!(
+            f,
+            "the credentials provider refused the device certificate (401){said}: check that the certificate is registered and ACTIVE in AWS IoT"
+        ),
+        403 => write!(
+            f,
+            "the credentials provider denied access (403){said}: the certificate is not attached to thing {}, or the IoT policy denies iot:AssumeRoleWithCertificate for role alias {alias}",
+            thing.unwrap_or("(none configured)")
+        ),
+        404 => write!(
+            f,
+            "role alias {alias} not found (404){said}: create it (aws iot create-role-alias) or fix role_alias, and check that endpoint is the iot:CredentialProvider endpoint of the right account and region"
+        ),
+        429 => write!(
+            f,
+            "the credentials provider is throttling (429){said}: will retry with backoff"
+        ),
+        500..=599 => write!(
+            f,
+            "the credentials provider failed ({status}){said}: will retry with backoff"
+        ),
+        _ => write!(
+            f,
+            "the credentials provider answered HTTP {status}{said}: unexpected status; will retry with backoff"
+        ),
+    }
+}
+
+/// The provider's message, quoted after a status: ` ("…")`, or nothing.
+struct Said<'a>(Option<&'a str>);
+
+impl fmt::Display for Said<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            Some(m) => write!(f, " ({m:?})"),
+            None => Ok(()),
+        }
+    }
+}
+
+impl fmt::Display for Explained<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.error {
             ExchangeError::Rejected {
                 status, message, ..
-            } => {
-                write!(f, "the credentials provider answered HTTP {status}")?;
-                if let Some(m) = message {
-                    write!(f, " \"{m}\"")?;
+            } => explain_status(f, *status, message.as_deref(), self.thing, self.alias),
+            other if self.alias.is_some() => write!(
+                f,
+                "the credentials provider's answer is unusable: {}",
+                Explained {
+                    error: other,
+                    thing: None,
+                    alias: None,
                 }
-                let hint = match status {
-                    400 => "check role_alias, thing_name and duration_seconds",
-                    401 => {
-                        "the endpoint did not accept the device certificate; check that it is registered in AWS IoT and active"
-                    }
-                    403 => {
-                        "check that the certificate is active and attached to the thing, and that its IoT policy allows iot:AssumeRoleWithCertificate on this role alias"
-                    }
-                    404 => {
-                        "the role alias does not exist at this endpoint; check role_alias and the endpoint's account and region"
-                    }
-                    429 => "throttled; will retry later",
-                    500..=599 => "provider-side error; will retry with backoff",
-                    _ => "unexpected status; will retry with backoff",
-                };
-                write!(f, ": {hint}")
-            }
+            ),
             ExchangeError::Http(e) => write!(f, "protocol error: {e}; will retry"),
             ExchangeError::MalformedJson { line, column } => write!(
                 f,
@@ -473,7 +553,7 @@ mod tests {
             assert_eq!(e.retry_after(), None);
             let shown = e.to_string();
             assert!(
-                shown.contains(&format!("HTTP {status}")) && shown.contains(message),
+                shown.contains(&format!("({status})")) && shown.contains(message),
                 "{shown}"
             );
         }
@@ -574,5 +654,29 @@ mod tests {
             ExchangeError::MissingField("sessionToken").to_string(),
             "protocol error: the credentials response lacks \"sessionToken\"; will retry"
         );
+    }
+
+    #[test]
+    fn explained_rejections_name_the_thing_and_the_alias() {
+        let thing = crate::ThingName::new("gateway-0042").unwrap();
+        let alias = crate::RoleAlias::new("GatewayRole").unwrap();
+        let rejected = |status| ExchangeError::Rejected {
+            status,
+            message: Some("Forbidden".into()),
+            retry_after: None,
+        };
+        let e403 = rejected(403);
+        let shown = e403.explain(Some(&thing), &alias).to_string();
+        assert!(shown.contains("(403) (\"Forbidden\")"), "{shown}");
+        assert!(shown.contains("thing gateway-0042"), "{shown}");
+        assert!(shown.contains("role alias GatewayRole"), "{shown}");
+        let e404 = rejected(404);
+        let shown = e404.explain(None, &alias).to_string();
+        assert!(
+            shown.starts_with("role alias GatewayRole not found (404)"),
+            "{shown}"
+        );
+        // Without context the same table is used, with placeholders.
+        assert!(e403.to_string().contains("thing (none configured)"));
     }
 }

@@ -724,7 +724,6 @@ mod tests {
     use super::*;
     use alloc::format;
     use alloc::string::String;
-    use alloc::vec;
     use proptest::prelude::*;
 
     /// Feeds `chunks` in order, then EOF unless complete.
@@ -1213,6 +1212,5 @@ mod tests {
         let mut p = ResponseParser::new();
         assert_eq!(p.feed(&[]), Ok(0));
         assert_eq!(p.finish(), Err(HttpError::ClosedBeforeResponse));
-        let _ = vec![0u8; 1];
     }
 }

@@ -25,10 +25,10 @@ pub mod blocking;
 
 pub use blocking::{FetchError, Fetched};
 pub use credentials::{Credentials, Issued};
-pub use exchange::{ErrorClass, ExchangeError, parse_credentials, parse_response};
+pub use exchange::{ErrorClass, ExchangeError, Explained, parse_credentials, parse_response};
 pub use http::{HttpError, Limits, Response, ResponseParser, RetryAfter};
 pub use render::Format;
-pub use request::{ConfigError, CredentialDuration, Request, RoleAlias, ThingName};
+pub use request::{CredentialDuration, InvalidRequest, Request, RoleAlias, ThingName};
 pub use schedule::{Schedule, ScheduleConfig};
 pub use secret::Secret;
 pub use time::{Duration, Instant, TimeError, UnixTime};

@@ -7,10 +7,11 @@ use alloc::string::String;
 use alloc::vec::Vec;
 use core::fmt;
 
-/// Why a configuration value was refused. `Display` says what is wrong and what is allowed.
+/// Why a value cannot go into a request (role alias, thing name, duration, host). `Display`
+/// says what is wrong and what is allowed.
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
-pub enum ConfigError {
+pub enum InvalidRequest {
     /// The role alias is empty or longer than 128 characters (its length is given).
     RoleAliasLength(usize),
     /// The role alias contains a character outside `[A-Za-z0-9_=,@-]`.
@@ -28,40 +29,40 @@ pub enum ConfigError {
     UserAgent,
 }
 
-impl fmt::Display for ConfigError {
+impl fmt::Display for InvalidRequest {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            ConfigError::RoleAliasLength(n) => write!(
+            InvalidRequest::RoleAliasLength(n) => write!(
                 f,
                 "role alias must be 1 to 128 characters long, not {n}"
             ),
-            ConfigError::RoleAliasCharacter(c) => write!(
+            InvalidRequest::RoleAliasCharacter(c) => write!(
                 f,
                 "role alias contains {c:?}; only letters, digits and _=,@- are allowed"
             ),
-            ConfigError::ThingNameLength(n) => write!(
+            InvalidRequest::ThingNameLength(n) => write!(
                 f,
                 "thing name must be 1 to 128 characters long, not {n}"
             ),
-            ConfigError::ThingNameCharacter(c) => write!(
+            InvalidRequest::ThingNameCharacter(c) => write!(
                 f,
                 "thing name contains {c:?}; only letters, digits and :_- are allowed"
             ),
-            ConfigError::DurationRange(n) => write!(
+            InvalidRequest::DurationRange(n) => write!(
                 f,
                 "credential duration must be 900 to 43200 seconds, not {n}"
             ),
-            ConfigError::Host => f.write_str(
+            InvalidRequest::Host => f.write_str(
                 "endpoint host must be a DNS name, an IPv4 address or an IPv6 address",
             ),
-            ConfigError::UserAgent => f.write_str(
+            InvalidRequest::UserAgent => f.write_str(
                 "user agent must be 1 to 256 printable ASCII characters without leading or trailing spaces",
             ),
         }
     }
 }
 
-impl core::error::Error for ConfigError {}
+impl core::error::Error for InvalidRequest {}
 
 /// An IoT role alias: 1–128 characters of `[A-Za-z0-9_=,@-]` (SPEC §2).
 ///
@@ -72,16 +73,16 @@ pub struct RoleAlias(String);
 
 impl RoleAlias {
     /// Validates `alias`.
-    pub fn new(alias: &str) -> Result<RoleAlias, ConfigError> {
+    pub fn new(alias: &str) -> Result<RoleAlias, InvalidRequest> {
         let len = alias.chars().count();
         if !(1..=128).contains(&len) {
-            return Err(ConfigError::RoleAliasLength(len));
+            return Err(InvalidRequest::RoleAliasLength(len));
         }
         if let Some(c) = alias
             .chars()
             .find(|&c| !(c.is_ascii_alphanumeric() || "_=,@-".contains(c)))
         {
-            return Err(ConfigError::RoleAliasCharacter(c));
+            return Err(InvalidRequest::RoleAliasCharacter(c));
         }
         Ok(RoleAlias(alias.into()))
     }
@@ -99,7 +100,7 @@ impl fmt::Display for RoleAlias {
 }
 
 impl core::str::FromStr for RoleAlias {
-    type Err = ConfigError;
+    type Err = InvalidRequest;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         RoleAlias::new(s)
     }
@@ -114,16 +115,16 @@ pub struct ThingName(String);
 
 impl ThingName {
     /// Validates `name`.
-    pub fn new(name: &str) -> Result<ThingName, ConfigError> {
+    pub fn new(name: &str) -> Result<ThingName, InvalidRequest> {
         let len = name.chars().count();
         if !(1..=128).contains(&len) {
-            return Err(ConfigError::ThingNameLength(len));
+            return Err(InvalidRequest::ThingNameLength(len));
         }
         if let Some(c) = name
             .chars()
             .find(|&c| !(c.is_ascii_alphanumeric() || ":_-".contains(c)))
         {
-            return Err(ConfigError::ThingNameCharacter(c));
+            return Err(InvalidRequest::ThingNameCharacter(c));
         }
         Ok(ThingName(name.into()))
     }
@@ -141,7 +142,7 @@ impl fmt::Display for ThingName {
 }
 
 impl core::str::FromStr for ThingName {
-    type Err = ConfigError;
+    type Err = InvalidRequest;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         ThingName::new(s)
     }
@@ -159,11 +160,11 @@ impl CredentialDuration {
     pub const MAX: CredentialDuration = CredentialDuration(43_200);
 
     /// Validates `seconds`.
-    pub fn new(seconds: u32) -> Result<CredentialDuration, ConfigError> {
+    pub fn new(seconds: u32) -> Result<CredentialDuration, InvalidRequest> {
         if (Self::MIN.0..=Self::MAX.0).contains(&seconds) {
             Ok(CredentialDuration(seconds))
         } else {
-            Err(ConfigError::DurationRange(seconds))
+            Err(InvalidRequest::DurationRange(seconds))
         }
     }
 
@@ -182,7 +183,7 @@ impl CredentialDuration {
 /// let req = Request::new("c2example.credentials.iot.eu-west-1.amazonaws.com", 443, &alias, "iotcred/0.1.0")?
 ///     .with_thing_name(Some(&thing));
 /// assert!(req.to_bytes().starts_with(b"GET /role-aliases/GatewayRole/credentials HTTP/1.1\r\n"));
-/// # Ok::<(), iotcred_core::request::ConfigError>(())
+/// # Ok::<(), iotcred_core::request::InvalidRequest>(())
 /// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Request<'a> {
@@ -205,7 +206,7 @@ impl<'a> Request<'a> {
         port: u16,
         role_alias: &'a RoleAlias,
         user_agent: &'a str,
-    ) -> Result<Request<'a>, ConfigError> {
+    ) -> Result<Request<'a>, InvalidRequest> {
         validate_host(host)?;
         validate_user_agent(user_agent)?;
         Ok(Request {
@@ -318,7 +319,7 @@ impl fmt::Display for Request<'_> {
 
 /// A DNS name / IPv4 address (`[A-Za-z0-9._-]`, ≤ 253 bytes, not starting with `-` or `.`), or
 /// an IPv6 literal (hex digits, `:` and `.`), optionally in brackets.
-fn validate_host(host: &str) -> Result<(), ConfigError> {
+fn validate_host(host: &str) -> Result<(), InvalidRequest> {
     let bracketed = host.strip_prefix('[').and_then(|h| h.strip_suffix(']'));
     let ok = match bracketed {
         Some(v6) => is_ipv6_text(v6),
@@ -332,7 +333,11 @@ fn validate_host(host: &str) -> Result<(), ConfigError> {
                     .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'-' | b'_'))
         }
     };
-    if ok { Ok(()) } else { Err(ConfigError::Host) }
+    if ok {
+        Ok(())
+    } else {
+        Err(InvalidRequest::Host)
+    }
 }
 
 fn is_ipv6_text(s: &str) -> bool {
@@ -342,7 +347,7 @@ fn is_ipv6_text(s: &str) -> bool {
             .all(|c| c.is_ascii_hexdigit() || c == b':' || c == b'.')
 }
 
-fn validate_user_agent(ua: &str) -> Result<(), ConfigError> {
+fn validate_user_agent(ua: &str) -> Result<(), InvalidRequest> {
     let ok = !ua.is_empty()
         && ua.len() <= 256
         && !ua.starts_with(' ')
@@ -351,7 +356,7 @@ fn validate_user_agent(ua: &str) -> Result<(), ConfigError> {
     if ok {
         Ok(())
     } else {
-        Err(ConfigError::UserAgent)
+        Err(InvalidRequest::UserAgent)
     }
 }
 
@@ -367,20 +372,20 @@ mod tests {
         assert!(RoleAlias::new(&"a".repeat(128)).is_ok());
         assert_eq!(
             RoleAlias::new(&"a".repeat(129)),
-            Err(ConfigError::RoleAliasLength(129))
+            Err(InvalidRequest::RoleAliasLength(129))
         );
-        assert_eq!(RoleAlias::new(""), Err(ConfigError::RoleAliasLength(0)));
+        assert_eq!(RoleAlias::new(""), Err(InvalidRequest::RoleAliasLength(0)));
         assert_eq!(
             RoleAlias::new("a/b"),
-            Err(ConfigError::RoleAliasCharacter('/'))
+            Err(InvalidRequest::RoleAliasCharacter('/'))
         );
         assert_eq!(
             RoleAlias::new("a b"),
-            Err(ConfigError::RoleAliasCharacter(' '))
+            Err(InvalidRequest::RoleAliasCharacter(' '))
         );
         assert_eq!(
             RoleAlias::new("é"),
-            Err(ConfigError::RoleAliasCharacter('é'))
+            Err(InvalidRequest::RoleAliasCharacter('é'))
         );
         assert!(RoleAlias::new("a\r\nX: y").is_err());
         assert_eq!("Role".parse::<RoleAlias>().unwrap().as_str(), "Role");
@@ -393,9 +398,9 @@ mod tests {
         assert!(ThingName::new(&"t".repeat(128)).is_ok());
         assert_eq!(
             ThingName::new(&"t".repeat(129)),
-            Err(ConfigError::ThingNameLength(129))
+            Err(InvalidRequest::ThingNameLength(129))
         );
-        assert_eq!(ThingName::new(""), Err(ConfigError::ThingNameLength(0)));
+        assert_eq!(ThingName::new(""), Err(InvalidRequest::ThingNameLength(0)));
         for bad in ["a b", " a", "a\r\n", "a\0", "a/b", "ä"] {
             assert!(ThingName::new(bad).is_err(), "{bad:?}");
         }
@@ -407,22 +412,22 @@ mod tests {
         assert_eq!(CredentialDuration::new(43_200).unwrap().as_secs(), 43_200);
         assert_eq!(
             CredentialDuration::new(899),
-            Err(ConfigError::DurationRange(899))
+            Err(InvalidRequest::DurationRange(899))
         );
         assert_eq!(
             CredentialDuration::new(43_201),
-            Err(ConfigError::DurationRange(43_201))
+            Err(InvalidRequest::DurationRange(43_201))
         );
     }
 
     #[test]
     fn errors_say_what_is_wrong() {
         assert_eq!(
-            ConfigError::RoleAliasCharacter('/').to_string(),
+            InvalidRequest::RoleAliasCharacter('/').to_string(),
             "role alias contains '/'; only letters, digits and _=,@- are allowed"
         );
         assert!(
-            ConfigError::DurationRange(5)
+            InvalidRequest::DurationRange(5)
                 .to_string()
                 .contains("900 to 43200")
         );
@@ -497,14 +502,14 @@ mod tests {
         ] {
             assert_eq!(
                 Request::new(host, 443, &alias, "ua").err(),
-                Some(ConfigError::Host),
+                Some(InvalidRequest::Host),
                 "{host:?}"
             );
         }
         for ua in ["", " ua", "ua ", "u\na", "ü"] {
             assert_eq!(
                 Request::new("h", 443, &alias, ua).err(),
-                Some(ConfigError::UserAgent),
+                Some(InvalidRequest::UserAgent),
                 "{ua:?}"
             );
         }

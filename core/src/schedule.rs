@@ -54,7 +54,7 @@
 //!         fetches += 1;
 //!         assert!(schedule.in_flight());
 //!         // ... the exchange happens here; it succeeds with a one-hour credential.
-//!         schedule.handle_issued(now, Duration::from_secs(3600), random());
+//!         schedule.handle_issued(now, Duration::from_secs(3600), random()).unwrap();
 //!     }
 //!     // Served credentials always have at least a minute left.
 //!     assert!(schedule.servable(now));
@@ -140,6 +140,23 @@ impl Default for ScheduleConfig {
     }
 }
 
+impl ScheduleConfig {
+    /// Whether credentials with `lifetime` left on arrival can be served at all: at least
+    /// `min_remaining` (SPEC §3: never serve credentials with less than 60 s left). The one
+    /// rule behind [`Schedule::handle_issued`] and [`Schedule::servable`], for callers that
+    /// hand out a single fetch without a schedule (such as a command-line `fetch`).
+    pub fn check_lifetime(&self, lifetime: Duration) -> Result<(), Unservable> {
+        if lifetime.is_zero() || lifetime < self.min_remaining {
+            Err(Unservable {
+                lifetime,
+                min_remaining: self.min_remaining,
+            })
+        } else {
+            Ok(())
+        }
+    }
+}
+
 /// What the driver must do, from [`Schedule::poll_action`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Action {
@@ -176,8 +193,35 @@ impl Health {
     }
 }
 
+/// Credentials that [`Schedule::handle_issued`] refused because they could never be served:
+/// their lifetime is below `min_remaining` (60 s, SPEC §3) on arrival.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Unservable {
+    /// The lifetime received.
+    pub lifetime: Duration,
+    /// The least lifetime that may be served.
+    pub min_remaining: Duration,
+}
+
+impl core::fmt::Display for Unservable {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(
+            f,
+            "the credentials received are valid for only {} s (less than {} s, the least that may be served): check the issuer's clock and the role's credential duration",
+            self.lifetime.as_secs(),
+            self.min_remaining.as_secs()
+        )
+    }
+}
+
+impl core::error::Error for Unservable {}
+
 /// The refresh state machine of one role. See the [module documentation](self).
-#[derive(Clone, Debug)]
+///
+/// It is small and `Clone`: a driver may publish copies of it as the role's state, and readers
+/// ask the copy ([`servable`](Self::servable), [`health`](Self::health), …) instead of keeping
+/// their own flags beside it.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Schedule {
     config: ScheduleConfig,
     /// The latest time seen on any input.
@@ -233,13 +277,19 @@ impl Schedule {
     /// Credentials that are not servable on arrival (`lifetime < min_remaining`, or zero) are
     /// useless: they are dropped, the last good ones are kept, and the answer counts as a
     /// transient failure, so a provider that keeps sending them is met with backoff instead of
-    /// a fetch loop.
-    pub fn handle_issued(&mut self, now: Instant, lifetime: Duration, random: u32) {
+    /// a fetch loop; the error says why. This is the one place that decides whether fresh
+    /// credentials can be served at all.
+    pub fn handle_issued(
+        &mut self,
+        now: Instant,
+        lifetime: Duration,
+        random: u32,
+    ) -> Result<(), Unservable> {
         let now = self.advance(now);
         self.in_flight = false;
-        if lifetime.is_zero() || lifetime < self.config.min_remaining {
+        if let Err(e) = self.config.check_lifetime(lifetime) {
             self.fail(now, ErrorClass::Transient, None, random);
-            return;
+            return Err(e);
         }
         self.failures = 0;
         self.next_retry = None;
@@ -249,6 +299,35 @@ impl Schedule {
             expires_at: now + lifetime,
             refresh_at: now + refresh_delay(&self.config, lifetime, random),
         });
+        Ok(())
+    }
+
+    /// The same role's schedule, continued under `config` (a configuration reload that kept the
+    /// role and its identity). The plan of the credentials held is kept exactly: issue time,
+    /// expiry and the refresh point with its jitter draw; so are the failure count, the backoff
+    /// and demand. A fetch that was in flight was abandoned by the old driver: it is no longer
+    /// in flight, and is due again when it was due before.
+    #[must_use]
+    pub fn carry_over(&self, config: ScheduleConfig) -> Schedule {
+        Schedule {
+            config,
+            in_flight: false,
+            ..self.clone()
+        }
+    }
+
+    /// The credentials held were refused upstream before their time (for example STS answered
+    /// `ExpiredToken` when they were used to sign a request), or the identity that obtained
+    /// them changed: they stay servable while valid, but the refresh window opens at `now`, so
+    /// the next fetch is due at once (after any backoff), in both modes.
+    pub fn handle_stale(&mut self, now: Instant) {
+        let now = self.advance(now);
+        if let Some(held) = &mut self.held {
+            held.refresh_at = held.refresh_at.min(now);
+        }
+        if self.config.mode == Mode::OnDemand && !self.in_flight {
+            self.pending = true;
+        }
     }
 
     /// The fetch started by the last [`Action::Fetch`] failed at `now` with an error of `class`;
@@ -286,6 +365,19 @@ impl Schedule {
         if self.config.mode == Mode::OnDemand && !self.in_flight && self.wants_refresh(now) {
             self.pending = true;
         }
+    }
+
+    /// Whether a client request at `now` must be reported with
+    /// [`handle_demand`](Self::handle_demand) to change anything: the first demand ever, or (in
+    /// on-demand mode) one that should start a fetch. Lets a driver keep the request path free
+    /// of wake-ups when a demand would be a no-op.
+    pub fn needs_demand(&self, now: Instant) -> bool {
+        let now = self.now.max(now);
+        !self.demanded
+            || (self.config.mode == Mode::OnDemand
+                && !self.in_flight
+                && !self.pending
+                && self.wants_refresh(now))
     }
 
     /// Whether to start a fetch at `now`. Returns [`Action::Fetch`] at most once until its
@@ -515,7 +607,7 @@ mod tests {
     fn proactive_with(now: Instant, lifetime: Duration, random: u32) -> Schedule {
         let mut s = Schedule::new(ScheduleConfig::default(), now);
         assert_eq!(s.poll_action(now), Some(Action::Fetch));
-        s.handle_issued(now, lifetime, random);
+        s.handle_issued(now, lifetime, random).unwrap();
         s
     }
 
@@ -620,7 +712,7 @@ mod tests {
         assert!(!s.healthy(secs(0)));
         assert_eq!(s.poll_timeout(), Some(secs(0)));
         assert_eq!(s.poll_action(secs(0)), Some(Action::Fetch));
-        s.handle_issued(secs(2), HOUR, 0);
+        s.handle_issued(secs(2), HOUR, 0).unwrap();
         assert_eq!(s.poll_action(secs(2)), None);
         assert_eq!(s.poll_timeout(), Some(secs(1802)));
         assert_eq!(s.poll_action(secs(1801)), None);
@@ -637,7 +729,7 @@ mod tests {
             s.handle_demand(secs(t));
             assert_eq!(s.poll_action(secs(t)), None);
         }
-        s.handle_issued(secs(100_000), HOUR, 0);
+        s.handle_issued(secs(100_000), HOUR, 0).unwrap();
         assert!(!s.in_flight());
         assert_eq!(s.poll_action(secs(100_000 + 1800)), Some(Action::Fetch));
         assert_eq!(s.poll_action(secs(100_000 + 1800)), None);
@@ -700,7 +792,7 @@ mod tests {
         assert_eq!(s.health(secs(3540)), Health::Refreshing);
         assert_eq!(s.health(secs(3541)), Health::Expired);
         assert_eq!(s.poll_action(now), Some(Action::Fetch));
-        s.handle_issued(now, HOUR, 0);
+        s.handle_issued(now, HOUR, 0).unwrap();
         assert_eq!(s.failures(), 0);
         assert_eq!(s.next_retry(), None);
         assert_eq!(s.health(now), Health::Fresh);
@@ -779,7 +871,7 @@ mod tests {
         assert!(!s.healthy(secs(1_000_000)));
         assert_eq!(s.poll_timeout(), Some(secs(1_000_000)));
         assert_eq!(s.poll_action(secs(1_000_000)), Some(Action::Fetch));
-        s.handle_issued(secs(1_000_001), HOUR, 0);
+        s.handle_issued(secs(1_000_001), HOUR, 0).unwrap();
         // A demand outside the refresh window changes nothing.
         let mut s2 = s.clone();
         s2.handle_demand(secs(1_000_001 + 1799));
@@ -822,7 +914,7 @@ mod tests {
         assert_eq!(s.remaining(secs(0)), None);
         assert!(!s.servable(secs(0)));
         assert_eq!(s.poll_action(secs(0)), Some(Action::Fetch));
-        s.handle_issued(secs(0), HOUR, 0);
+        s.handle_issued(secs(0), HOUR, 0).unwrap();
         assert_eq!(s.health(secs(0)), Health::Fresh);
         assert!(s.healthy(secs(0)));
         assert_eq!(s.health(secs(1799)), Health::Fresh);
@@ -836,7 +928,7 @@ mod tests {
         assert_eq!(s.remaining(secs(5000)), Some(Duration::ZERO));
         assert_eq!(s.health(secs(5000)), Health::Expired);
         assert_eq!(s.poll_action(secs(5000)), Some(Action::Fetch));
-        s.handle_issued(secs(5000), HOUR, 0);
+        s.handle_issued(secs(5000), HOUR, 0).unwrap();
         assert_eq!(s.health(secs(5000)), Health::Fresh);
     }
 
@@ -844,7 +936,13 @@ mod tests {
     fn useless_credentials_count_as_a_failure() {
         let mut s = proactive_with(secs(0), HOUR, 0);
         assert_eq!(s.poll_action(secs(1800)), Some(Action::Fetch));
-        s.handle_issued(secs(1800), d(59), u32::MAX);
+        assert_eq!(
+            s.handle_issued(secs(1800), d(59), u32::MAX),
+            Err(Unservable {
+                lifetime: d(59),
+                min_remaining: crate::MIN_REMAINING
+            })
+        );
         assert_eq!(s.failures(), 1);
         assert_eq!(
             s.expires_at(),
@@ -853,7 +951,10 @@ mod tests {
         );
         assert_eq!(s.poll_timeout(), Some(secs(1801)));
         assert_eq!(s.poll_action(secs(1801)), Some(Action::Fetch));
-        s.handle_issued(secs(1801), Duration::ZERO, u32::MAX);
+        assert!(
+            s.handle_issued(secs(1801), Duration::ZERO, u32::MAX)
+                .is_err()
+        );
         assert_eq!(s.failures(), 2);
         assert_eq!(s.poll_timeout(), Some(secs(1803)));
     }
@@ -862,7 +963,7 @@ mod tests {
     fn time_never_goes_backwards() {
         let mut s = Schedule::new(ScheduleConfig::default(), secs(100));
         assert_eq!(s.poll_action(secs(50)), Some(Action::Fetch));
-        s.handle_issued(secs(10), HOUR, 0);
+        s.handle_issued(secs(10), HOUR, 0).unwrap();
         assert_eq!(s.issued_at(), Some(secs(100)));
         assert_eq!(s.remaining(secs(0)), Some(HOUR));
     }
@@ -872,17 +973,87 @@ mod tests {
         let end = Instant::from_millis(u64::MAX);
         let mut s = Schedule::new(ScheduleConfig::default(), end);
         assert_eq!(s.poll_action(end), Some(Action::Fetch));
-        s.handle_issued(end, Duration::MAX, u32::MAX);
+        s.handle_issued(end, Duration::MAX, u32::MAX).unwrap();
         assert_eq!(s.expires_at(), Some(end));
         assert!(!s.servable(end));
         let mut s = Schedule::new(ScheduleConfig::default(), secs(0));
         assert_eq!(s.poll_action(secs(0)), Some(Action::Fetch));
-        s.handle_issued(secs(0), Duration::MAX, u32::MAX);
+        s.handle_issued(secs(0), Duration::MAX, u32::MAX).unwrap();
         assert!(s.servable(secs(0)));
         assert!(s.refresh_at().is_some_and(|t| t > secs(0)));
         let mut s = Schedule::new(ScheduleConfig::default(), end);
         assert_eq!(s.poll_action(end), Some(Action::Fetch));
         s.handle_failure(end, ErrorClass::Transient, Some(Duration::MAX), u32::MAX);
         assert_eq!(s.poll_timeout(), Some(end));
+    }
+
+    #[test]
+    fn carry_over_keeps_the_plan() {
+        // One-hour credentials issued at 1000 with a jitter draw; reloaded 20 minutes in.
+        let s = proactive_with(secs(1000), HOUR, 0x8000_0000);
+        let plan = (s.issued_at(), s.expires_at(), s.refresh_at());
+        let reloaded_at = secs(1000 + 1200);
+        let health = s.health(reloaded_at);
+        let config = ScheduleConfig {
+            max_backoff: d(60),
+            ..ScheduleConfig::default()
+        };
+        let mut c = s.carry_over(config);
+        assert_eq!((c.issued_at(), c.expires_at(), c.refresh_at()), plan);
+        assert_eq!(c.health(reloaded_at), health);
+        assert_eq!(c.config().max_backoff, d(60));
+        assert_eq!(
+            c.poll_action(reloaded_at),
+            None,
+            "nothing due: same refresh point"
+        );
+        assert_eq!(c.poll_timeout(), plan.2);
+    }
+
+    #[test]
+    fn carry_over_of_a_fetch_in_flight_makes_it_due_again() {
+        let mut s = proactive_with(secs(0), HOUR, 0);
+        assert_eq!(s.poll_action(secs(1800)), Some(Action::Fetch));
+        assert!(s.in_flight());
+        let mut c = s.carry_over(ScheduleConfig::default());
+        assert!(!c.in_flight());
+        assert_eq!(c.poll_timeout(), Some(secs(1800)));
+        assert_eq!(c.poll_action(secs(1800)), Some(Action::Fetch));
+    }
+
+    #[test]
+    fn stale_credentials_are_refreshed_now_and_served_meanwhile() {
+        let mut s = proactive_with(secs(0), HOUR, 0);
+        assert_eq!(s.health(secs(100)), Health::Fresh);
+        s.handle_stale(secs(100));
+        assert_eq!(s.health(secs(100)), Health::Refreshing);
+        assert!(s.servable(secs(100)));
+        assert_eq!(s.poll_action(secs(100)), Some(Action::Fetch));
+
+        let mut o = Schedule::new(on_demand(), secs(0));
+        o.handle_demand(secs(0));
+        assert_eq!(o.poll_action(secs(0)), Some(Action::Fetch));
+        o.handle_issued(secs(0), HOUR, 0).unwrap();
+        assert_eq!(o.poll_action(secs(100)), None);
+        o.handle_stale(secs(100));
+        assert_eq!(o.poll_action(secs(100)), Some(Action::Fetch));
+    }
+
+    #[test]
+    fn needs_demand_only_when_a_demand_changes_something() {
+        let mut s = proactive_with(secs(0), HOUR, 0);
+        assert!(s.needs_demand(secs(1)), "the first demand is recorded");
+        s.handle_demand(secs(1));
+        assert!(!s.needs_demand(secs(2000)), "proactive: recorded once");
+
+        let mut o = Schedule::new(on_demand(), secs(0));
+        assert!(o.needs_demand(secs(0)));
+        o.handle_demand(secs(0));
+        assert!(!o.needs_demand(secs(0)), "pending already");
+        assert_eq!(o.poll_action(secs(0)), Some(Action::Fetch));
+        assert!(!o.needs_demand(secs(0)), "in flight");
+        o.handle_issued(secs(0), HOUR, 0).unwrap();
+        assert!(!o.needs_demand(secs(10)), "fresh");
+        assert!(o.needs_demand(secs(1800)), "inside the refresh window");
     }
 }

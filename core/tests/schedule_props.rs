@@ -227,7 +227,8 @@ fn simulate(
             match reply.outcome {
                 Outcome::Issued { lifetime_s } => {
                     let lifetime = Duration::from_secs(lifetime_s);
-                    s.handle_issued(now, lifetime, reply.random);
+                    let accepted = s.handle_issued(now, lifetime, reply.random);
+                    prop_assert!(accepted.is_ok());
                     prop_assert_eq!(s.failures(), 0);
                     prop_assert_eq!(s.next_retry(), None);
                     prop_assert_eq!(s.expires_at(), Some(now + lifetime));
@@ -362,7 +363,7 @@ proptest! {
         let now = Instant::from_millis(start_ms);
         let mut s = Schedule::new(ScheduleConfig::default(), now);
         prop_assert_eq!(s.poll_action(now), Some(Action::Fetch));
-        s.handle_issued(now, Duration::from_millis(lifetime_ms), random);
+        let _ = s.handle_issued(now, Duration::from_millis(lifetime_ms), random);
         let _ = s.poll_action(now);
         let class = if permanent { ErrorClass::Permanent } else { ErrorClass::Transient };
         s.handle_failure(now, class, Some(Duration::from_millis(retry_after_ms)), random);

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use iotcred_tests::Fault;
 use iotcred_tests::agent::{Env, poll};
+use iotcred_tests::hostile;
 
 const LIMIT: Duration = Duration::from_secs(30);
 
@@ -228,6 +229,10 @@ fn sighup_reloads_and_keeps_credentials_of_unchanged_roles() {
     let mut agent = env.start_agent(&cfg);
     assert!(agent.wait_ready(LIMIT), "{}", agent.log());
     assert_eq!(env.provider.stats().requests, 1);
+    let (code, before) = hostile::health(&env.socket()).unwrap();
+    assert_eq!(code, 200, "{before}");
+    let before = before["roles"][0].clone();
+    assert_eq!(before["state"], "healthy", "{before}");
 
     // Add a second role; the first keeps its credentials (no new fetch for it).
     let text = std::fs::read_to_string(&cfg).unwrap();
@@ -249,6 +254,23 @@ fn sighup_reloads_and_keeps_credentials_of_unchanged_roles() {
         2,
         "only the new role fetched"
     );
+    // The kept role's plan is unchanged: same refresh point and expiry (the wall-clock
+    // renderings of the same monotonic instants, so at most a second of rounding apart), and
+    // still healthy.
+    let (code, after) = hostile::health(&env.socket()).unwrap();
+    assert_eq!(code, 200, "{after}");
+    let after = after["roles"][0].clone();
+    assert_eq!(after["state"], "healthy", "{after}");
+    for field in ["refresh_at", "expiration", "last_refresh"] {
+        let secs = |v: &serde_json::Value| {
+            let text = v[field].as_str().unwrap_or_else(|| panic!("{field}: {v}"));
+            iotcred_core::UnixTime::parse_rfc3339(text)
+                .unwrap()
+                .as_secs()
+        };
+        let (b, a) = (secs(&before), secs(&after));
+        assert!(b.abs_diff(a) <= 1, "{field} moved from {before} to {after}");
+    }
     let sock = env.socket().display().to_string();
     assert_eq!(
         env.run(&["get", "--socket", &sock, "--role", "second"])

@@ -5,8 +5,9 @@ mod serve_common;
 
 use std::time::Duration;
 
-use iotcred_core::UnixTime;
+use iotcred_agent::state::Failure;
 use iotcred_core::schedule::Mode;
+use iotcred_core::{ErrorClass, UnixTime};
 use serve_common::*;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpStream, UnixStream};
@@ -222,7 +223,7 @@ async fn not_found_method_and_bad_request_in_order() {
     h.shutdown().await;
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn unavailable_before_first_credentials_with_retry_after() {
     let h = start(&[RoleSpec::new("default")]).await;
     let r = h
@@ -242,10 +243,18 @@ async fn unavailable_before_first_credentials_with_retry_after() {
     assert_eq!(r.status, 503);
     assert!(r.header("retry-after").is_some());
 
-    // Credentials with less than 60 s left are never served.
-    h.publish(0, "ASIAKEY", Duration::from_secs(59));
+    // Credentials with less than 60 s left are never served: refused on arrival ...
+    assert!(issue(&h.publishers[0], "ASIASHORT", Duration::from_secs(59)).is_err());
     let r = h.unix_request(&get("/v1/credentials", "")).await;
     assert_eq!(r.status, 503);
+    // ... and no longer served once they get there.
+    h.publish(0, "ASIAKEY", Duration::from_secs(120));
+    let r = h.unix_request(&get("/v1/credentials", "")).await;
+    assert_eq!(r.status, 200);
+    tokio::time::advance(Duration::from_secs(61)).await;
+    let r = h.unix_request(&get("/v1/credentials", "")).await;
+    assert_eq!(r.status, 503);
+    assert!(r.header("retry-after").is_some());
     h.shutdown().await;
 }
 
@@ -260,7 +269,7 @@ async fn a_request_waits_for_the_fetch_then_gives_up_with_503() {
     s.write_all(get("/v1/credentials", "").as_bytes())
         .await
         .unwrap();
-    h.publishers[0].demanded().await;
+    h.publishers[0].next_signal().await;
     h.publish(0, "ASIAFRESH", Duration::from_secs(3600));
     let r = read_reply(&mut s).await.unwrap();
     assert_eq!(
@@ -353,10 +362,16 @@ async fn health_reports_every_role_without_secrets() {
     assert_eq!(roles[2]["healthy"], true);
 
     h.publish(1, "ASIAHEALTHKEY2", Duration::from_secs(3600));
-    h.publishers[1].update(|s| {
-        s.last_error = Some("provider answered 403: check role_alias".into());
-        s.failures = 2;
-    });
+    for _ in 0..2 {
+        h.publishers[1].handle_failure(
+            Failure {
+                class: ErrorClass::Permanent,
+                retry_after: None,
+                message: "provider answered 403: check role_alias".into(),
+            },
+            0,
+        );
+    }
     let r = h.unix_request(&get("/v1/health", "")).await;
     assert_eq!(r.status, 200, "{}", r.body);
     let v = r.json();
@@ -369,16 +384,7 @@ async fn health_reports_every_role_without_secrets() {
     );
 
     // Inside the refresh window: servable but not healthy.
-    let now = tokio::time::Instant::now();
-    h.publishers[0].update(|s| {
-        let held = s.held.clone().unwrap();
-        s.held = Some(std::sync::Arc::new(iotcred_agent::state::Held {
-            credentials: held.credentials.clone(),
-            expires_at: held.expires_at,
-            refresh_at: now,
-            issued_wall: held.issued_wall,
-        }));
-    });
+    h.publishers[0].handle_stale();
     let r = h.unix_request(&get("/v1/health", "")).await;
     assert_eq!(r.status, 503);
     assert_eq!(r.json()["roles"][0]["state"], "refreshing");
@@ -613,7 +619,7 @@ async fn shutdown_lets_requests_under_way_finish() {
     s.write_all(get("/v1/credentials", "").as_bytes())
         .await
         .unwrap();
-    h.publishers[0].demanded().await;
+    h.publishers[0].next_signal().await;
 
     // Stop while the request waits for the fetch; the fetch then completes.
     h.stop();

@@ -85,7 +85,7 @@ async fn exit_codes_and_messages() {
     let e = get_blocking(missing.clone(), None, Format::ContainerJson)
         .await
         .unwrap_err();
-    assert_eq!(e.exit_code(), 5);
+    assert_eq!(e.exit().code(), 5);
     let msg = e.to_string();
     assert!(
         msg.contains("iotcred run") && msg.contains(&missing.display().to_string()),
@@ -98,7 +98,7 @@ async fn exit_codes_and_messages() {
     let e = get_blocking(stale, None, Format::ContainerJson)
         .await
         .unwrap_err();
-    assert_eq!(e.exit_code(), 5, "{e}");
+    assert_eq!(e.exit().code(), 5, "{e}");
 
     let mut denied = RoleSpec::new("denied");
     denied.allow_uids = vec![my_uid().wrapping_add(1)];
@@ -110,7 +110,7 @@ async fn exit_codes_and_messages() {
         .await
         .unwrap_err();
     assert!(matches!(e, GetError::NotReady { .. }), "{e}");
-    assert_eq!(e.exit_code(), 5);
+    assert_eq!(e.exit().code(), 5);
     assert!(e.to_string().contains("no valid credentials yet"));
 
     h.publish(0, "ASIAKEY", Duration::from_secs(3600));
@@ -121,20 +121,20 @@ async fn exit_codes_and_messages() {
         .await
         .unwrap_err();
     assert!(matches!(e, GetError::UnknownRole { .. }), "{e}");
-    assert_eq!(e.exit_code(), 2);
+    assert_eq!(e.exit().code(), 2);
     assert!(e.to_string().contains("\"nope\""));
     // A role name that cannot be a path segment: usage error, nothing sent.
     let e = get_blocking(sock.clone(), Some("a/b c"), Format::ContainerJson)
         .await
         .unwrap_err();
-    assert_eq!(e.exit_code(), 2);
+    assert_eq!(e.exit().code(), 2);
 
     // Peer not allowed: 403 → 5, with the agent's advice.
     let e = get_blocking(sock.clone(), Some("denied"), Format::ContainerJson)
         .await
         .unwrap_err();
     assert!(matches!(e, GetError::Refused { status: 403, .. }), "{e}");
-    assert_eq!(e.exit_code(), 5);
+    assert_eq!(e.exit().code(), 5);
     assert!(e.to_string().contains("allow_uids"));
 
     let text = format!("{e} {e:?}");
@@ -162,7 +162,7 @@ async fn garbage_from_the_socket_is_a_protocol_error() {
         .await
         .unwrap_err();
     assert!(matches!(e, GetError::Protocol(_)), "{e}");
-    assert_eq!(e.exit_code(), 1);
+    assert_eq!(e.exit().code(), 1);
     assert!(
         !e.to_string().contains("not json"),
         "never echo the body: {e}"

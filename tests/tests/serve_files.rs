@@ -13,8 +13,8 @@ use iotcred_agent::metrics::Metrics;
 use iotcred_agent::server::{
     self, Activation, ServeConfig, ServeError, ServerState, parse_listen_env,
 };
-use iotcred_agent::state::role_channel;
-use iotcred_core::schedule::Mode;
+use iotcred_agent::state::{Clock, role_channel};
+use iotcred_core::schedule::ScheduleConfig;
 use serve_common::*;
 use tokio::net::{TcpStream, UnixStream};
 
@@ -68,7 +68,7 @@ async fn token_files_are_private_random_and_kept_across_restarts() {
         c
     };
     h.shutdown().await;
-    let (_p, handle) = role_channel("default", Mode::Proactive, &[], &[]);
+    let (_p, handle) = role_channel("default", ScheduleConfig::default(), Clock::new(), &[], &[]);
     let l = server::bind(&cfg, std::slice::from_ref(&handle))
         .await
         .unwrap();
@@ -124,7 +124,7 @@ async fn socket_has_the_configured_mode() {
 #[tokio::test]
 async fn stale_socket_replaced_busy_socket_and_other_files_refused() {
     let h = start(&[RoleSpec::new("default")]).await;
-    let (_p, handle) = role_channel("default", Mode::Proactive, &[], &[]);
+    let (_p, handle) = role_channel("default", ScheduleConfig::default(), Clock::new(), &[], &[]);
     let roles = std::slice::from_ref(&handle);
 
     // Someone listens: refuse, and leave the socket alone.
@@ -157,7 +157,7 @@ async fn stale_socket_replaced_busy_socket_and_other_files_refused() {
 #[tokio::test]
 async fn only_loopback_and_link_local_tcp_is_accepted() {
     let dir = tempfile::tempdir().unwrap();
-    let (_p, handle) = role_channel("default", Mode::Proactive, &[], &[]);
+    let (_p, handle) = role_channel("default", ScheduleConfig::default(), Clock::new(), &[], &[]);
     // Neither a wildcard, nor a public or private address, nor the IMDS address (for the
     // `[serve.imds]` listener only), nor a link-local address that is not one of §4.5.
     for addr in [
@@ -242,7 +242,7 @@ async fn socket_activation_takes_precedence() {
 
     let mut cfg = ServeConfig::new(dir.path().join("configured.sock"), dir.path().join("run"));
     cfg.listen = Some("127.0.0.1:0".parse().unwrap());
-    let (p, handle) = role_channel("default", Mode::Proactive, &[], &[]);
+    let (p, handle) = role_channel("default", ScheduleConfig::default(), Clock::new(), &[], &[]);
     let listeners = server::bind_with_activation(
         &cfg,
         std::slice::from_ref(&handle),
@@ -259,20 +259,7 @@ async fn socket_activation_takes_precedence() {
     let task = tokio::spawn(server::serve(listeners, state, async move {
         let _ = stop_rx.await;
     }));
-    let now = tokio::time::Instant::now();
-    p.update(|s| {
-        s.held = Some(Arc::new(iotcred_agent::state::Held {
-            credentials: iotcred_core::Credentials {
-                access_key_id: "ASIAACTIVATED".into(),
-                secret_access_key: SECRET.into(),
-                session_token: SESSION.into(),
-                expiration: iotcred_core::UnixTime::from_secs(0),
-            },
-            expires_at: now + Duration::from_secs(3600),
-            refresh_at: now + Duration::from_secs(1800),
-            issued_wall: iotcred_core::UnixTime::now(),
-        }))
-    });
+    publish(&p, "ASIAACTIVATED", Duration::from_secs(3600));
 
     let mut u = UnixStream::connect(&activated_path).await.unwrap();
     let r = exchange(&mut u, &get("/v1/credentials", "")).await;
@@ -298,7 +285,7 @@ async fn socket_activation_takes_precedence() {
 async fn activation_refuses_wrong_sockets() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = ServeConfig::new(dir.path().join("a.sock"), dir.path().join("run"));
-    let (_p, handle) = role_channel("default", Mode::Proactive, &[], &[]);
+    let (_p, handle) = role_channel("default", ScheduleConfig::default(), Clock::new(), &[], &[]);
     let roles = std::slice::from_ref(&handle);
 
     let public = std::net::TcpListener::bind("0.0.0.0:0").unwrap();
@@ -332,7 +319,8 @@ async fn reload_keeps_tokens_of_kept_roles_and_writes_new_ones() {
     let mut h = start(&[RoleSpec::new("default"), RoleSpec::new("gone")]).await;
     let run = h.dir.path().join("run");
     let old_default = h.token("default").to_owned();
-    let (p_new, new_handle) = role_channel("added", Mode::Proactive, &[], &[]);
+    let (p_new, new_handle) =
+        role_channel("added", ScheduleConfig::default(), Clock::new(), &[], &[]);
     h.state.set_roles(vec![h.handles[0].clone(), new_handle]);
     assert_eq!(
         std::fs::read_to_string(run.join("default.token")).unwrap(),

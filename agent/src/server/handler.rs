@@ -15,15 +15,15 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderMap, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
-use iotcred_core::UnixTime;
 use iotcred_core::render::Format;
+use iotcred_core::schedule::Health;
+use iotcred_core::{Credentials, UnixTime};
 use subtle::ConstantTimeEq;
-use tokio::time::Instant;
 use zeroize::Zeroizing;
 
 use super::Shared;
 use crate::metrics::Route;
-use crate::state::{Held, RoleHandle, RoleHealth};
+use crate::state::{RoleHandle, Served};
 
 /// Who is on the other end of a connection.
 #[derive(Clone, Copy, Debug)]
@@ -101,7 +101,7 @@ pub(super) struct BodyCache(Mutex<Option<CachedBody>>);
 
 #[derive(Debug)]
 struct CachedBody {
-    held: Weak<Held>,
+    credentials: Weak<Credentials>,
     expiration: UnixTime,
     body: Arc<Zeroizing<Vec<u8>>>,
 }
@@ -109,20 +109,19 @@ struct CachedBody {
 impl BodyCache {
     /// The body for `served` of `role`: the cached one when it was rendered from the same
     /// credentials and expiration, else a new rendering (which replaces the cached one).
-    fn body(&self, role: &str, served: &crate::state::Served) -> Arc<Zeroizing<Vec<u8>>> {
+    fn body(&self, role: &str, served: &Served) -> Arc<Zeroizing<Vec<u8>>> {
         let mut slot = self.0.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(c) = slot.as_ref() {
             if c.expiration == served.expiration
-                && std::ptr::eq(c.held.as_ptr(), Arc::as_ptr(&served.held))
+                && std::ptr::eq(c.credentials.as_ptr(), Arc::as_ptr(&served.credentials))
             {
                 return c.body.clone();
             }
         }
-        let mut text =
-            Format::ContainerJson.render(role, &served.held.credentials, served.expiration);
+        let mut text = Format::ContainerJson.render(role, &served.credentials, served.expiration);
         let body = Arc::new(Zeroizing::new(std::mem::take(&mut *text).into_bytes()));
         *slot = Some(CachedBody {
-            held: Arc::downgrade(&served.held),
+            credentials: Arc::downgrade(&served.credentials),
             expiration: served.expiration,
             body: body.clone(),
         });
@@ -324,38 +323,37 @@ fn peer_allowed(role: &RoleHandle, uid: Option<u32>, gid: Option<u32>) -> bool {
 }
 
 fn health(roles: &[RoleHandle]) -> Response<Body> {
-    let now = Instant::now();
     let wall = UnixTime::now();
     let mut all_healthy = true;
     let list: Vec<serde_json::Value> = roles
         .iter()
         .map(|role| {
-            let health = role.health(now);
-            all_healthy &= health == RoleHealth::Healthy;
-            let snap = role.snapshot();
-            let state = match health {
-                RoleHealth::Healthy if snap.held.is_none() => "idle",
-                RoleHealth::Healthy => "healthy",
-                RoleHealth::Refreshing => "refreshing",
-                RoleHealth::Unavailable => "unavailable",
+            let now = role.now();
+            let state = role.state();
+            let schedule = &state.schedule;
+            let healthy = schedule.healthy(now);
+            all_healthy &= healthy;
+            let label = match schedule.health(now) {
+                Health::Fresh => "healthy",
+                Health::Refreshing => "refreshing",
+                Health::Empty if healthy => "idle",
+                Health::Empty | Health::Expired => "unavailable",
             };
-            let held = snap.held.as_ref().filter(|h| !h.remaining(now).is_zero());
+            let remaining = schedule.remaining(now).filter(|d| !d.is_zero());
             serde_json::json!({
                 "name": &*role.name,
-                "mode": match role.mode {
-                    iotcred_core::schedule::Mode::OnDemand => "on-demand",
-                    _ => "proactive",
-                },
-                "state": state,
-                "healthy": health == RoleHealth::Healthy,
-                "expiration": held.map(|h| h.consumer_expiration(now, wall).rfc3339().to_string()),
-                "remaining_seconds": held.map(|h| h.remaining(now).as_secs()),
-                "last_refresh": snap.last_refresh.map(|t| t.rfc3339().to_string()),
-                "last_failure": snap.last_failure.map(|t| t.rfc3339().to_string()),
-                "last_error": snap.last_error.as_deref(),
-                "failures": snap.failures,
-                "fetching": snap.fetching,
-                "next_attempt_in_seconds": snap.next_attempt.map(|t| t.saturating_duration_since(now).as_secs()),
+                "mode": schedule.config().mode.as_str(),
+                "state": label,
+                "healthy": healthy,
+                "expiration": remaining.map(|d| wall.saturating_add(d).rfc3339().to_string()),
+                "remaining_seconds": remaining.map(|d| d.as_secs()),
+                "refresh_at": schedule.refresh_at().map(|t| state.wall_time(t, now, wall).rfc3339().to_string()),
+                "last_refresh": state.last_refresh(now, wall).map(|t| t.rfc3339().to_string()),
+                "last_failure": state.last_failure.map(|t| t.rfc3339().to_string()),
+                "last_error": state.last_error.as_deref(),
+                "failures": schedule.failures(),
+                "fetching": schedule.in_flight(),
+                "next_attempt_in_seconds": schedule.poll_timeout().map(|t| t.saturating_duration_since(now).as_secs()),
             })
         })
         .collect();
@@ -375,11 +373,10 @@ fn health(roles: &[RoleHandle]) -> Response<Body> {
 }
 
 fn metrics(shared: &Shared) -> Response<Body> {
-    let text =
-        shared
-            .state
-            .metrics
-            .render(&shared.state.table().roles, Instant::now(), UnixTime::now());
+    let text = shared
+        .state
+        .metrics
+        .render(&shared.state.table().roles, UnixTime::now());
     let mut r = Response::new(Full::new(Chunk::Owned(text.into_bytes(), 0)));
     let h = r.headers_mut();
     h.insert(header::CONTENT_TYPE, PROMETHEUS);

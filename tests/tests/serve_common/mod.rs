@@ -10,8 +10,9 @@ use std::time::Duration;
 
 use iotcred_agent::metrics::Metrics;
 use iotcred_agent::server::{self, ServeConfig, ServerState};
-use iotcred_agent::state::{Held, RoleHandle, RolePublisher, role_channel};
-use iotcred_core::schedule::Mode;
+use iotcred_agent::source::Obtained;
+use iotcred_agent::state::{Clock, RoleHandle, RolePublisher, role_channel};
+use iotcred_core::schedule::{Mode, ScheduleConfig, Unservable};
 use iotcred_core::{Credentials, Secret, UnixTime};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpStream, UnixStream};
@@ -68,8 +69,13 @@ pub async fn start_with(roles: &[RoleSpec], tweak: impl FnOnce(&mut ServeConfig)
     tweak(&mut cfg);
     let mut publishers = Vec::new();
     let mut handles = Vec::new();
+    let clock = Clock::new();
     for r in roles {
-        let (p, h) = role_channel(r.name, r.mode, &r.allow_uids, &r.allow_gids);
+        let config = ScheduleConfig {
+            mode: r.mode,
+            ..ScheduleConfig::default()
+        };
+        let (p, h) = role_channel(r.name, config, clock, &r.allow_uids, &r.allow_gids);
         publishers.push(p);
         handles.push(h);
     }
@@ -115,25 +121,10 @@ impl Harness {
             .1
     }
 
-    /// Publishes credentials valid for `lifetime` (refresh window from half of it).
+    /// Publishes credentials valid for `lifetime` (refresh window from half of it), as the
+    /// role's refresher does when its source answers.
     pub fn publish(&self, role: usize, key_id: &str, lifetime: Duration) {
-        let now = Instant::now();
-        let held = Held {
-            credentials: Credentials {
-                access_key_id: key_id.to_owned(),
-                secret_access_key: Secret::from(SECRET),
-                session_token: Secret::from(SESSION),
-                // The provider's clock, deliberately far off: consumers must not see it.
-                expiration: UnixTime::from_secs(2_000_000_000),
-            },
-            expires_at: now + lifetime,
-            refresh_at: now + lifetime / 2,
-            issued_wall: UnixTime::now(),
-        };
-        self.publishers[role].update(|s| {
-            s.held = Some(Arc::new(held));
-            s.last_refresh = Some(UnixTime::now());
-        });
+        publish(&self.publishers[role], key_id, lifetime);
     }
 
     pub async fn tcp_request(&self, raw: &str) -> Reply {
@@ -293,4 +284,33 @@ pub fn my_uid() -> u32 {
 pub fn my_gid() -> u32 {
     // SAFETY: getgid has no preconditions and cannot fail.
     unsafe { libc::getgid() }
+}
+
+/// Feeds `publisher` credentials valid for `lifetime`, as a refresher does after a fetch (no
+/// jitter: the refresh window opens at half the lifetime for lifetimes up to 30 minutes and
+/// beyond).
+pub fn publish(publisher: &RolePublisher, key_id: &str, lifetime: Duration) {
+    issue(publisher, key_id, lifetime).expect("servable credentials");
+}
+
+/// What a refresher does with credentials valid for `lifetime` that its source obtained.
+pub fn issue(
+    publisher: &RolePublisher,
+    key_id: &str,
+    lifetime: Duration,
+) -> Result<(), Unservable> {
+    let _ = publisher.poll_action();
+    let obtained = Obtained {
+        credentials: Credentials {
+            access_key_id: key_id.to_owned(),
+            secret_access_key: Secret::from(SECRET),
+            session_token: Secret::from(SESSION),
+            // The provider's clock, deliberately far off: consumers must not see it.
+            expiration: UnixTime::from_secs(2_000_000_000),
+        },
+        lifetime,
+        arrived: Instant::now(),
+        latency: Duration::ZERO,
+    };
+    publisher.handle_issued(obtained, 0, |_| {})
 }
