@@ -8,11 +8,11 @@ use std::sync::Arc;
 use iotcred_core::UnixTime;
 use iotcred_core::render::Format;
 
-use crate::config::{self, Config};
+use crate::config::{self, Config, RoleSource};
 use crate::exit::Exit;
 use crate::source::Obtained;
 use crate::tls::{self, Identity};
-use crate::upstream::{RoleRequest, Upstream};
+use crate::upstream::Upstream;
 use iotcred_core::schedule::ScheduleConfig;
 
 /// Logs to stderr; level from `IOTCRED_LOG` (a level such as `debug`, or `target=level`
@@ -54,9 +54,15 @@ fn fail(code: Exit, message: impl std::fmt::Display) -> Exit {
 }
 
 /// Loads the configuration named by `--config` / `IOTCRED_CONFIG` / the default.
+/// On failure prints every problem, one line each.
 pub fn load_config(path: Option<&Path>) -> Result<Config, Exit> {
     let path = config::resolve_path(path);
-    Config::load(&path).map_err(|e| fail(Exit::Config, e))
+    Config::load(&path).map_err(|e| {
+        for line in e.lines() {
+            eprintln!("iotcred: {line}");
+        }
+        Exit::Config
+    })
 }
 
 fn load_identity(config: &Config) -> Result<Identity, Exit> {
@@ -73,12 +79,20 @@ fn runtime() -> Result<tokio::runtime::Runtime, Exit> {
 /// One exchange for `role`, refused (like the agent would) when the credentials could not be
 /// served: a command never hands out what the agent would not.
 async fn fetch_role(upstream: &Upstream, role: &config::Role) -> Result<Obtained, Exit> {
-    let req = RoleRequest {
-        role_alias: role.role_alias.clone(),
-        duration: role.duration,
+    let request = match &role.source {
+        RoleSource::Provider(p) => p,
+        RoleSource::Chained(c) => {
+            return Err(fail(
+                Exit::Config,
+                format!(
+                    "role {}: chained through STS from role {}: fetching chained roles is not supported yet",
+                    role.name, c.source_role
+                ),
+            ));
+        }
     };
     let obtained = upstream
-        .fetch(&req)
+        .fetch(request)
         .await
         .map_err(|e| fail(e.class().into(), format!("role {}: {e}", role.name)))?;
     ScheduleConfig::default()
@@ -109,8 +123,7 @@ pub fn fetch(config: Option<&Path>, role: Option<&str>, format: Format) -> Exit 
             )
         })?;
         let identity = load_identity(&config)?;
-        let upstream =
-            Upstream::new(&config, identity.client_config).map_err(|e| fail(Exit::Config, e))?;
+        let upstream = Upstream::new(&config, identity.client_config);
         let fetched = runtime()?.block_on(fetch_role(&upstream, role))?;
         let text = format.render(&role.name, &fetched.credentials, wall_expiration(&fetched));
         let mut out = std::io::stdout().lock();
@@ -173,16 +186,26 @@ pub fn check(config: Option<&Path>, do_fetch: bool) -> Exit {
             Some(ca) => println!("trust anchors: {}", ca.display()),
             None => println!("trust anchors: built-in Amazon roots"),
         }
-        println!(
-            "endpoint: {}:{}",
-            config.endpoint.host, config.endpoint.port
-        );
+        println!("endpoint: {}", config.endpoint);
+        if let Some(p) = &config.proxy {
+            println!("proxy: {}", p.addr);
+        }
+        if let Some(imds) = &config.serve.imds {
+            println!(
+                "imds: {} serves role {} (hop limit {}, region {})",
+                imds.listen,
+                imds.role,
+                imds.hop_limit,
+                imds.region.as_deref().unwrap_or("none")
+            );
+        }
+        if let Some(sts) = &config.sts {
+            println!("sts: {} (region {})", sts.endpoint, sts.region);
+        }
         if !do_fetch {
             return Ok(());
         }
-        let upstream = Arc::new(
-            Upstream::new(&config, identity.client_config).map_err(|e| fail(Exit::Config, e))?,
-        );
+        let upstream = Arc::new(Upstream::new(&config, identity.client_config));
         let rt = runtime()?;
         let mut worst: Option<Exit> = None;
         for role in &config.roles {

@@ -1,26 +1,38 @@
-//! Configuration (SPEC §6): TOML, unknown keys refused with their name and line, every value
-//! validated at start-up with a message that says what to fix.
+//! Configuration (SPEC §6): TOML, read once at start-up (and at `SIGHUP`). Every value is parsed
+//! into its type here — addresses, the proxy, the provider request of each role — so nothing is
+//! parsed again later. Every problem is reported at once, each with its line: unknown keys by
+//! name, wrong types, missing keys, invalid values, and the relations between roles.
 
-use std::net::SocketAddr;
+mod read;
+mod roles;
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use iotcred_core::render::Format;
 use iotcred_core::schedule::Mode;
-use iotcred_core::{CredentialDuration, RoleAlias, ThingName};
-use serde::Deserialize;
-use toml::Spanned;
+use iotcred_core::{CredentialDuration, PreparedRequest, RoleAlias, ThingName};
+use toml::de::DeTable;
 
 use crate::keys::KeySource;
+use crate::net::{AddressError, HttpsUrl, Proxy, ProxyEnv, TlsServer};
+use read::{Cx, Table};
+use roles::{Roles, read_roles};
+pub use roles::{StsValueError, check_external_id, check_role_arn, check_session_name};
 
 /// Default configuration path.
 pub const DEFAULT_PATH: &str = "/etc/iotcred/config.toml";
 /// Default runtime directory (tmpfs).
 pub const DEFAULT_RUNTIME_DIR: &str = "/run/iotcred";
+/// Default state directory (provisioning and rotation state).
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/iotcred";
+/// `[serve.imds] listen` port when the address names none (the port of EC2's IMDS).
+pub const IMDS_DEFAULT_PORT: u16 = 80;
 
-/// A configuration problem: where it is and what to do about it.
+/// Why the configuration cannot be used.
 #[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
+pub enum LoadError {
     /// The file cannot be read.
     #[error("cannot read config {path}: {source}; pass --config PATH or set IOTCRED_CONFIG")]
     Read {
@@ -29,25 +41,111 @@ pub enum ConfigError {
         /// Why.
         source: std::io::Error,
     },
-    /// A syntax error, unknown key, wrong type or invalid value, with the line it is on.
-    #[error("config {path}{}: {message}", line.map(|l| format!(" line {l}")).unwrap_or_default())]
+    /// One or more problems in the file, in file order; `Display` gives one line each.
+    #[error("{}", problem_lines(path, problems).join("\n"))]
     Invalid {
         /// The file.
         path: PathBuf,
-        /// 1-based line, when known.
-        line: Option<usize>,
-        /// What is wrong and what to do.
-        message: String,
+        /// What is wrong, where.
+        problems: Vec<Problem>,
     },
 }
 
-/// The upstream endpoint, `host[:port]`.
+impl LoadError {
+    /// One line per problem: `config PATH line N: what is wrong and what to do`.
+    pub fn lines(&self) -> Vec<String> {
+        match self {
+            LoadError::Read { .. } => vec![self.to_string()],
+            LoadError::Invalid { path, problems } => problem_lines(path, problems),
+        }
+    }
+}
+
+fn problem_lines(path: &Path, problems: &[Problem]) -> Vec<String> {
+    problems
+        .iter()
+        .map(|p| match p.line {
+            Some(l) => format!("config {} line {l}: {}", path.display(), p.message),
+            None => format!("config {}: {}", path.display(), p.message),
+        })
+        .collect()
+}
+
+/// One problem in the configuration.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Problem {
+    /// 1-based line, when the problem has one (a missing top-level key has none).
+    pub line: Option<usize>,
+    /// What is wrong and what to do.
+    pub message: String,
+}
+
+/// The credentials-provider endpoint, `host[:port]`: a TLS server whose host core's request
+/// validation accepts, so every request to it can be built.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Endpoint {
+    server: TlsServer,
+}
+
+impl Endpoint {
+    /// Parses `host[:port]` (port 443 unless given).
+    pub fn parse(s: &str) -> Result<Endpoint, AddressError> {
+        let server = TlsServer::parse(s, 443)?;
+        iotcred_core::request::validate_host(server.addr().host())
+            .map_err(|_| AddressError::Host(server.addr().host().to_string()))?;
+        Ok(Endpoint { server })
+    }
+
     /// Host name or IP address (no brackets).
-    pub host: String,
-    /// TCP port (443 unless given).
-    pub port: u16,
+    pub fn host(&self) -> &str {
+        self.server.addr().host()
+    }
+
+    /// TCP port.
+    pub fn port(&self) -> u16 {
+        self.server.addr().port()
+    }
+
+    /// Address and TLS name.
+    pub fn server(&self) -> &TlsServer {
+        &self.server
+    }
+
+    /// The region in an AWS IoT credentials endpoint host,
+    /// `<prefix>.credentials.iot.<region>.amazonaws.com` (or `.amazonaws.com.cn`).
+    pub fn region(&self) -> Option<String> {
+        region_in(self.host(), |rest| match rest {
+            [_, .., "credentials", "iot", region] => Some(*region),
+            _ => None,
+        })
+    }
+}
+
+/// `host:port` (`[v6]:port`).
+impl std::fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.server.fmt(f)
+    }
+}
+
+/// The region of an `…amazonaws.com[.cn]` host: `pick` gets the labels before that suffix.
+fn region_in(host: &str, pick: impl for<'a> Fn(&[&'a str]) -> Option<&'a str>) -> Option<String> {
+    let host = host.trim_end_matches('.').to_ascii_lowercase();
+    let labels: Vec<&str> = host.split('.').collect();
+    let rest = labels
+        .strip_suffix(&["amazonaws", "com", "cn"])
+        .or_else(|| labels.strip_suffix(&["amazonaws", "com"]))?;
+    pick(rest).filter(|r| valid_region(r)).map(str::to_string)
+}
+
+/// An AWS region name as it appears in host names: `eu-west-1`, `us-gov-west-1`, `cn-north-1`.
+fn valid_region(r: &str) -> bool {
+    (2..=32).contains(&r.len())
+        && r.starts_with(|c: char| c.is_ascii_lowercase())
+        && !r.ends_with('-')
+        && r.contains('-')
+        && r.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
 }
 
 /// A validated configuration.
@@ -65,17 +163,22 @@ pub struct Config {
     pub key: KeySource,
     /// Trust anchors (PEM); `None` = built-in Amazon roots.
     pub ca: Option<PathBuf>,
-    /// Explicit proxy URL (`http://host:port`); `None` = from the environment.
-    pub proxy: Option<String>,
+    /// The CONNECT proxy for the endpoint: `proxy`, else `HTTPS_PROXY` unless `NO_PROXY`
+    /// matches the endpoint host (resolved at load time); `None` = direct.
+    pub proxy: Option<Proxy>,
     /// Upstream timeout (connect, handshake, whole exchange) and the longest a local request
     /// waits for a fetch.
     pub timeout: Duration,
     /// Runtime directory (tokens, default socket and files).
     pub runtime_dir: PathBuf,
+    /// State directory (provisioning and rotation state, SPEC §8).
+    pub state_dir: PathBuf,
     /// `[refresh]`.
     pub refresh: Refresh,
     /// `[serve]`.
     pub serve: Serve,
+    /// `[sts]`: present when configured or when a chained role needs it.
+    pub sts: Option<Sts>,
     /// `[[role]]`, at least one; the first is the default role.
     pub roles: Vec<Role>,
 }
@@ -100,8 +203,39 @@ pub struct Serve {
     pub socket: PathBuf,
     /// Socket file mode.
     pub socket_mode: u32,
-    /// Optional loopback TCP listener.
+    /// Optional TCP listener: loopback or an ECS/EKS link-local address (SPEC §4.5).
     pub listen: Option<SocketAddr>,
+    /// `[serve.imds]`: the IMDSv2-compatible endpoint (SPEC §4.4).
+    pub imds: Option<Imds>,
+}
+
+/// `[serve.imds]` (SPEC §4.4).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Imds {
+    /// Listener: loopback, or an ECS/EKS/IMDS link-local address (port 80 when omitted).
+    pub listen: SocketAddr,
+    /// The one role it serves (default: the default role); it exists.
+    pub role: String,
+    /// IP TTL / hop limit of its connections, 1–255.
+    pub hop_limit: u8,
+    /// Peers allowed (SPEC §4.6); empty = any peer with a token.
+    pub allow_uids: Vec<u32>,
+    /// Served at `placement/region`: `region` if set, else the credentials endpoint's region;
+    /// `None` = neither (404).
+    pub region: Option<String>,
+}
+
+/// `[sts]` (SPEC §9).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Sts {
+    /// The STS endpoint (default `https://sts.<region>.amazonaws.com`).
+    pub endpoint: HttpsUrl,
+    /// The SigV4 signing region.
+    pub region: String,
+    /// Trust anchors (PEM); `None` = built-in roots.
+    pub ca: Option<PathBuf>,
+    /// The CONNECT proxy for the STS endpoint, resolved like [`Config::proxy`].
+    pub proxy: Option<Proxy>,
 }
 
 /// One `[[role]]`.
@@ -109,16 +243,49 @@ pub struct Serve {
 pub struct Role {
     /// Name used in routes, token files and INI profiles.
     pub name: String,
-    /// Role alias.
-    pub role_alias: RoleAlias,
-    /// Requested credential duration.
-    pub duration: Option<CredentialDuration>,
-    /// Unix-socket uids allowed.
+    /// Where its credentials come from.
+    pub source: RoleSource,
+    /// Peers allowed: Unix-socket uids, and TCP peers (SPEC §4.6).
     pub allow_uids: Vec<u32>,
     /// Unix-socket gids allowed.
     pub allow_gids: Vec<u32>,
     /// File sinks.
     pub files: Vec<FileSink>,
+}
+
+/// Where a role's credentials come from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RoleSource {
+    /// The AWS IoT credentials provider (`role_alias`).
+    Provider(ProviderRole),
+    /// STS `AssumeRole` with another role's credentials (`source_role`, SPEC §9).
+    Chained(ChainedRole),
+}
+
+/// A role from the credentials provider.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProviderRole {
+    /// Role alias.
+    pub role_alias: RoleAlias,
+    /// Requested credential duration.
+    pub duration: Option<CredentialDuration>,
+    /// The request for it (endpoint, alias, thing name, duration), built once.
+    pub request: PreparedRequest,
+}
+
+/// A role chained through STS `AssumeRole` (SPEC §9).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ChainedRole {
+    /// The role whose credentials sign the call; it exists, and the chain has no cycle.
+    pub source_role: String,
+    /// `arn:aws…:iam::<account>:role/<name>`.
+    pub role_arn: String,
+    /// `RoleSessionName` (default: the thing name).
+    pub session_name: String,
+    /// `ExternalId`, when set.
+    pub external_id: Option<String>,
+    /// `DurationSeconds`, 900–3600 (default 3600).
+    pub duration: Duration,
 }
 
 /// One `[[role.file]]`.
@@ -130,64 +297,6 @@ pub struct FileSink {
     pub format: Format,
     /// File mode.
     pub mode: u32,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawConfig {
-    endpoint: Spanned<String>,
-    thing_name: Option<Spanned<String>>,
-    certificate: Spanned<String>,
-    key: Spanned<String>,
-    ca: Option<Spanned<String>>,
-    proxy: Option<Spanned<String>>,
-    timeout_seconds: Option<Spanned<i64>>,
-    runtime_dir: Option<Spanned<String>>,
-    #[serde(default)]
-    refresh: RawRefresh,
-    #[serde(default)]
-    serve: RawServe,
-    #[serde(default)]
-    role: Vec<RawRole>,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct RawRefresh {
-    mode: Option<Spanned<String>>,
-    refresh_before_seconds: Option<Spanned<i64>>,
-    jitter_seconds: Option<Spanned<i64>>,
-    max_backoff_seconds: Option<Spanned<i64>>,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct RawServe {
-    socket: Option<Spanned<String>>,
-    socket_mode: Option<Spanned<String>>,
-    listen: Option<Spanned<String>>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawRole {
-    name: Spanned<String>,
-    role_alias: Spanned<String>,
-    duration_seconds: Option<Spanned<i64>>,
-    #[serde(default)]
-    allow_uids: Vec<Spanned<i64>>,
-    #[serde(default)]
-    allow_gids: Vec<Spanned<i64>>,
-    #[serde(default)]
-    file: Vec<RawFile>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawFile {
-    path: Spanned<String>,
-    format: Option<Spanned<String>>,
-    mode: Option<Spanned<String>>,
 }
 
 /// The configuration path to use: `--config`, else `IOTCRED_CONFIG`, else the default.
@@ -203,240 +312,52 @@ pub fn resolve_path(cli: Option<&Path>) -> PathBuf {
 
 impl Config {
     /// Reads and validates a configuration file. Relative paths inside it are resolved against
-    /// the file's directory.
-    pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+    /// the file's directory; the proxy falls back to this process's `HTTPS_PROXY`/`NO_PROXY`.
+    pub fn load(path: &Path) -> Result<Config, LoadError> {
+        let text = std::fs::read_to_string(path).map_err(|source| LoadError::Read {
             path: path.to_path_buf(),
             source,
         })?;
         Self::parse(&text, path)
     }
 
-    /// Validates configuration text read from `path`.
-    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
-        let cx = Cx { text, path };
-        let raw: RawConfig = toml::from_str(text).map_err(|e| {
-            cx.err_at(
-                e.span().map(|s| s.start),
-                e.message().trim_end().replace('\n', " "),
-            )
-        })?;
-        let base = path.parent().unwrap_or(Path::new("."));
-        let resolve = |s: &Spanned<String>, what: &str| -> Result<PathBuf, ConfigError> {
-            if s.get_ref().is_empty() {
-                return Err(cx.err(s, format!("`{what}` is empty: give a file path")));
-            }
-            Ok(base.join(s.get_ref()))
-        };
+    /// Validates configuration text read from `path`, with this process's proxy environment.
+    pub fn parse(text: &str, path: &Path) -> Result<Config, LoadError> {
+        Self::parse_with_env(text, path, &ProxyEnv::from_process())
+    }
 
-        let endpoint =
-            parse_endpoint(raw.endpoint.get_ref()).map_err(|m| cx.err(&raw.endpoint, m))?;
-        let thing_name = raw
-            .thing_name
-            .as_ref()
-            .map(|t| ThingName::new(t.get_ref()).map_err(|e| cx.err(t, format!("thing_name: {e}"))))
-            .transpose()?;
-        let certificate = resolve(&raw.certificate, "certificate")?;
-        let key = if raw.key.get_ref().starts_with("pkcs11:") {
-            KeySource::parse(raw.key.get_ref())
-                .map_err(|e| cx.err(&raw.key, format!("key: {e}")))?
+    /// Validates configuration text read from `path`, with the proxy environment `env`.
+    pub fn parse_with_env(text: &str, path: &Path, env: &ProxyEnv) -> Result<Config, LoadError> {
+        let cx = Cx::new(text, path);
+        let (doc, syntax) = DeTable::parse_recoverable(text);
+        let config = if syntax.is_empty() {
+            let mut root = Table::root(&cx, &doc);
+            let config = read_config(&cx, &mut root, env, path);
+            root.finish();
+            config
         } else {
-            KeySource::Pem(resolve(&raw.key, "key")?)
-        };
-        let ca = raw.ca.as_ref().map(|c| resolve(c, "ca")).transpose()?;
-        let proxy = match &raw.proxy {
-            Some(p) => {
-                crate::upstream::Proxy::parse(p.get_ref())
-                    .map_err(|m| cx.err(p, format!("proxy: {m}")))?;
-                Some(p.get_ref().clone())
+            for e in &syntax {
+                cx.report_at(e.span(), e.message().trim_end().replace('\n', " "));
             }
-            None => None,
+            None
         };
-        let timeout = Duration::from_secs(seconds(
-            &cx,
-            raw.timeout_seconds.as_ref(),
-            "timeout_seconds",
-            10,
-            1,
-            300,
-        )?);
-        let runtime_dir = match &raw.runtime_dir {
-            Some(r) => resolve(r, "runtime_dir")?,
-            None => PathBuf::from(DEFAULT_RUNTIME_DIR),
-        };
-
-        let mode = match &raw.refresh.mode {
-            None => Mode::Proactive,
-            Some(m) => match m.get_ref().as_str() {
-                "proactive" => Mode::Proactive,
-                "on-demand" => Mode::OnDemand,
-                other => {
-                    return Err(cx.err(
-                        m,
-                        format!("refresh.mode = {other:?}: use \"proactive\" or \"on-demand\""),
-                    ));
+        match config {
+            Some(c) if !cx.has_problems() => Ok(c),
+            _ => {
+                let mut problems = cx.into_problems();
+                if problems.is_empty() {
+                    // Every path that gives no configuration reports why; this is a fallback.
+                    problems.push(Problem {
+                        line: None,
+                        message: "the configuration is incomplete".into(),
+                    });
                 }
-            },
-        };
-        let refresh = Refresh {
-            mode,
-            refresh_before: Duration::from_secs(seconds(
-                &cx,
-                raw.refresh.refresh_before_seconds.as_ref(),
-                "refresh.refresh_before_seconds",
-                900,
-                0,
-                43_200,
-            )?),
-            jitter: Duration::from_secs(seconds(
-                &cx,
-                raw.refresh.jitter_seconds.as_ref(),
-                "refresh.jitter_seconds",
-                120,
-                0,
-                3600,
-            )?),
-            max_backoff: Duration::from_secs(seconds(
-                &cx,
-                raw.refresh.max_backoff_seconds.as_ref(),
-                "refresh.max_backoff_seconds",
-                300,
-                1,
-                3600,
-            )?),
-        };
-
-        let serve = Serve {
-            socket: match &raw.serve.socket {
-                Some(s) => resolve(s, "serve.socket")?,
-                None => runtime_dir.join("agent.sock"),
-            },
-            socket_mode: match &raw.serve.socket_mode {
-                Some(m) => parse_mode(m.get_ref())
-                    .map_err(|e| cx.err(m, format!("serve.socket_mode: {e}")))?,
-                None => 0o660,
-            },
-            listen: raw
-                .serve
-                .listen
-                .as_ref()
-                .map(|l| {
-                    parse_listen(l.get_ref()).map_err(|e| cx.err(l, format!("serve.listen: {e}")))
+                Err(LoadError::Invalid {
+                    path: path.to_path_buf(),
+                    problems,
                 })
-                .transpose()?,
-        };
-
-        if raw.role.is_empty() {
-            return Err(cx.err_at(
-                None,
-                "no [[role]] configured: add at least one [[role]] with `name` and `role_alias`"
-                    .into(),
-            ));
-        }
-        let mut roles: Vec<Role> = Vec::with_capacity(raw.role.len());
-        for r in &raw.role {
-            let name = r.name.get_ref();
-            if !valid_role_name(name) {
-                return Err(cx.err(
-                    &r.name,
-                    format!("role name {name:?}: use 1-64 characters of A-Z a-z 0-9 _ - . (not starting with .)"),
-                ));
-            }
-            if roles.iter().any(|o| &o.name == name) {
-                return Err(cx.err(
-                    &r.name,
-                    format!("role name {name:?} is used twice: names must be unique"),
-                ));
-            }
-            let role_alias = RoleAlias::new(r.role_alias.get_ref())
-                .map_err(|e| cx.err(&r.role_alias, format!("role_alias: {e}")))?;
-            let duration = match &r.duration_seconds {
-                Some(d) => {
-                    let v = u32::try_from(*d.get_ref()).unwrap_or(0);
-                    Some(
-                        CredentialDuration::new(v)
-                            .map_err(|e| cx.err(d, format!("duration_seconds: {e}")))?,
-                    )
-                }
-                None => None,
-            };
-            let ids = |v: &[Spanned<i64>], what: &str| -> Result<Vec<u32>, ConfigError> {
-                v.iter()
-                    .map(|i| {
-                        u32::try_from(*i.get_ref()).map_err(|_| {
-                            cx.err(i, format!("{what}: {} is not a valid id", i.get_ref()))
-                        })
-                    })
-                    .collect()
-            };
-            let mut files = Vec::new();
-            for f in &r.file {
-                let format = match &f.format {
-                    Some(s) => s.get_ref().parse::<Format>().map_err(|_| {
-                        cx.err(
-                            s,
-                            format!(
-                                "role.file.format = {:?}: use \"ini\", \"json\", \"credential-process\" or \"env\"",
-                                s.get_ref()
-                            ),
-                        )
-                    })?,
-                    None => Format::Ini,
-                };
-                let mode = match &f.mode {
-                    Some(m) => parse_mode(m.get_ref())
-                        .map_err(|e| cx.err(m, format!("role.file.mode: {e}")))?,
-                    None => 0o600,
-                };
-                let p = resolve(&f.path, "role.file.path")?;
-                if p.file_name().is_none() {
-                    return Err(cx.err(&f.path, "role.file.path must name a file".into()));
-                }
-                files.push(FileSink {
-                    path: p,
-                    format,
-                    mode,
-                });
-            }
-            roles.push(Role {
-                name: name.clone(),
-                role_alias,
-                duration,
-                allow_uids: ids(&r.allow_uids, "allow_uids")?,
-                allow_gids: ids(&r.allow_gids, "allow_gids")?,
-                files,
-            });
-        }
-        let all_files: Vec<&PathBuf> = roles
-            .iter()
-            .flat_map(|r| r.files.iter().map(|f| &f.path))
-            .collect();
-        for (i, p) in all_files.iter().enumerate() {
-            if all_files[..i].contains(p) {
-                return Err(cx.err_at(
-                    None,
-                    format!(
-                        "file {} is written by two sinks: give each its own path",
-                        p.display()
-                    ),
-                ));
             }
         }
-
-        Ok(Config {
-            path: path.to_path_buf(),
-            endpoint,
-            thing_name,
-            certificate,
-            key,
-            ca,
-            proxy,
-            timeout,
-            runtime_dir,
-            refresh,
-            serve,
-            roles,
-        })
     }
 
     /// Looks a role up by name; `None` = the default (first) role.
@@ -448,131 +369,542 @@ impl Config {
     }
 }
 
-struct Cx<'a> {
-    text: &'a str,
-    path: &'a Path,
-}
-
-impl Cx<'_> {
-    fn err<T>(&self, at: &Spanned<T>, message: String) -> ConfigError {
-        self.err_at(Some(at.span().start), message)
-    }
-
-    fn err_at(&self, offset: Option<usize>, message: String) -> ConfigError {
-        let line = offset.map(|o| self.text[..o.min(self.text.len())].matches('\n').count() + 1);
-        ConfigError::Invalid {
-            path: self.path.to_path_buf(),
-            line,
-            message,
-        }
-    }
-}
-
-fn seconds(
+/// The whole file: each part reads its keys and reports its problems; `None` when any part
+/// could not give a value.
+fn read_config(
     cx: &Cx<'_>,
-    v: Option<&Spanned<i64>>,
-    what: &str,
-    default: u64,
-    min: u64,
-    max: u64,
-) -> Result<u64, ConfigError> {
-    match v {
-        None => Ok(default),
-        Some(s) => match u64::try_from(*s.get_ref()) {
-            Ok(n) if (min..=max).contains(&n) => Ok(n),
-            _ => Err(cx.err(
-                s,
-                format!(
-                    "{what} = {}: use a whole number from {min} to {max}",
-                    s.get_ref()
-                ),
-            )),
-        },
+    root: &mut Table<'_, '_>,
+    env: &ProxyEnv,
+    path: &Path,
+) -> Option<Config> {
+    let identity = read_identity(cx, root);
+    let proxy_setting = read_proxy_setting(cx, root);
+    let proxy = match (&proxy_setting, &identity.endpoint) {
+        (Some(setting), Some(ep)) => proxy_for(cx, setting, env, ep.host()),
+        _ => None,
+    };
+    let timeout = root.int_in("timeout_seconds", 10, 1, 300);
+    let runtime_dir = dir(cx, root, "runtime_dir", DEFAULT_RUNTIME_DIR);
+    let state_dir = dir(cx, root, "state_dir", DEFAULT_STATE_DIR);
+    let refresh = {
+        let mut t = root.section("refresh");
+        let r = read_refresh(cx, &mut t);
+        t.finish();
+        r
+    };
+    let roles = read_roles(cx, root, &identity);
+    let region = identity.endpoint.as_ref().and_then(Endpoint::region);
+    let serve = {
+        let mut t = root.section("serve");
+        let default_socket = runtime_dir.as_ref().map(|d| d.join("agent.sock"));
+        let s = read_serve(cx, &mut t, default_socket, &roles.names, region.as_deref());
+        t.finish();
+        s
+    };
+    let mut sts_table = root.table("sts");
+    let sts = read_sts(
+        cx,
+        sts_table.as_mut(),
+        env,
+        proxy_setting.as_ref(),
+        &roles,
+        region,
+    );
+    if let Some(t) = sts_table {
+        t.finish();
     }
+    roles::check_file_sinks(cx, &roles.roles);
+    Some(Config {
+        path: path.to_path_buf(),
+        endpoint: identity.endpoint?,
+        thing_name: identity.thing_name?,
+        certificate: identity.certificate?,
+        key: identity.key?,
+        ca: identity.ca?,
+        proxy: proxy?,
+        timeout: Duration::from_secs(timeout?),
+        runtime_dir: runtime_dir?,
+        state_dir: state_dir?,
+        refresh: refresh?,
+        serve: serve?,
+        sts: sts?,
+        roles: roles.roles,
+    })
+}
+
+fn dir(cx: &Cx<'_>, t: &mut Table<'_, '_>, key: &'static str, default: &str) -> Option<PathBuf> {
+    match t.str(key) {
+        Some(v) => cx.path(&v, key),
+        None => Some(PathBuf::from(default)),
+    }
+}
+
+/// The device identity and where it talks to: each `None` when invalid (reported).
+struct Identity {
+    endpoint: Option<Endpoint>,
+    thing_name: Option<Option<ThingName>>,
+    certificate: Option<PathBuf>,
+    key: Option<KeySource>,
+    ca: Option<Option<PathBuf>>,
+}
+
+fn read_identity(cx: &Cx<'_>, root: &mut Table<'_, '_>) -> Identity {
+    let endpoint = root
+        .required_str(
+            "endpoint",
+            "give the iot:CredentialProvider endpoint host, e.g. \"xxxx.credentials.iot.eu-west-1.amazonaws.com\"",
+        )
+        .and_then(|v| {
+            cx.check(
+                &v,
+                format_args!("endpoint = {:?}", v.value),
+                Endpoint::parse(v.value),
+            )
+        });
+    let thing_name = match root.str("thing_name") {
+        None => Some(None),
+        Some(v) => cx
+            .check(&v, "thing_name", ThingName::new(v.value))
+            .map(Some),
+    };
+    let certificate = root
+        .required_str("certificate", "give the device certificate's PEM file")
+        .and_then(|v| cx.path(&v, "certificate"));
+    let key = root
+        .required_str("key", "give the device key's PEM file or a pkcs11: URI")
+        .and_then(|v| {
+            if v.value
+                .trim_start()
+                .to_ascii_lowercase()
+                .starts_with("pkcs11:")
+            {
+                cx.check(&v, "key", KeySource::parse(v.value))
+            } else {
+                cx.path(&v, "key").map(KeySource::Pem)
+            }
+        });
+    let ca = match root.str("ca") {
+        None => Some(None),
+        Some(v) => cx.path(&v, "ca").map(Some),
+    };
+    Identity {
+        endpoint,
+        thing_name,
+        certificate,
+        key,
+        ca,
+    }
+}
+
+/// `proxy`, as configured.
+enum ProxySetting {
+    /// `proxy = "http://…"`: used for every upstream.
+    Explicit(Proxy),
+    /// Not set: `HTTPS_PROXY`/`NO_PROXY`.
+    Environment,
+}
+
+fn read_proxy_setting(cx: &Cx<'_>, root: &mut Table<'_, '_>) -> Option<ProxySetting> {
+    match root.str("proxy") {
+        None => Some(ProxySetting::Environment),
+        Some(v) => cx
+            .check(
+                &v,
+                format_args!("proxy = {:?}", v.value),
+                Proxy::parse(v.value),
+            )
+            .map(ProxySetting::Explicit),
+    }
+}
+
+/// The proxy for `host`; `None` when `HTTPS_PROXY` is unusable (reported).
+fn proxy_for(
+    cx: &Cx<'_>,
+    setting: &ProxySetting,
+    env: &ProxyEnv,
+    host: &str,
+) -> Option<Option<Proxy>> {
+    match setting {
+        ProxySetting::Explicit(p) => Some(Some(p.clone())),
+        ProxySetting::Environment => env
+            .proxy_for(host)
+            .map_err(|e| {
+                cx.report_at(
+                    None,
+                    format!(
+                        "HTTPS_PROXY = {:?}: {e}; fix or unset it, or set `proxy` in the config",
+                        env.https_proxy.as_deref().unwrap_or_default()
+                    ),
+                )
+            })
+            .ok(),
+    }
+}
+
+fn read_refresh(cx: &Cx<'_>, t: &mut Table<'_, '_>) -> Option<Refresh> {
+    let mode = match t.str("mode") {
+        None => Some(Mode::Proactive),
+        Some(v) => match v.value {
+            "proactive" => Some(Mode::Proactive),
+            "on-demand" => Some(Mode::OnDemand),
+            other => {
+                cx.report(
+                    &v,
+                    format!("refresh.mode = {other:?}: use \"proactive\" or \"on-demand\""),
+                );
+                None
+            }
+        },
+    };
+    let refresh_before = t.int_in("refresh_before_seconds", 900, 0, 43_200);
+    let jitter = t.int_in("jitter_seconds", 120, 0, 3600);
+    let max_backoff = t.int_in("max_backoff_seconds", 300, 1, 3600);
+    Some(Refresh {
+        mode: mode?,
+        refresh_before: Duration::from_secs(refresh_before?),
+        jitter: Duration::from_secs(jitter?),
+        max_backoff: Duration::from_secs(max_backoff?),
+    })
+}
+
+fn read_serve(
+    cx: &Cx<'_>,
+    t: &mut Table<'_, '_>,
+    default_socket: Option<PathBuf>,
+    roles: &[String],
+    region: Option<&str>,
+) -> Option<Serve> {
+    let socket = match t.str("socket") {
+        Some(v) => cx.path(&v, "serve.socket"),
+        None => default_socket,
+    };
+    let socket_mode = match t.str("socket_mode") {
+        Some(v) => cx.check(&v, "serve.socket_mode", parse_mode(v.value)),
+        None => Some(0o660),
+    };
+    let listen = match t.str("listen") {
+        None => Some(None),
+        Some(v) => cx
+            .check(
+                &v,
+                format_args!("serve.listen = {:?}", v.value),
+                parse_listen(v.value, Listener::Credentials),
+            )
+            .map(Some),
+    };
+    let imds = match t.table("imds") {
+        None => Some(None),
+        Some(mut i) => {
+            let imds = read_imds(cx, &mut i, roles, region);
+            if let (Some(Some(l)), Some(imds)) = (&listen, &imds) {
+                if *l == imds.listen {
+                    cx.report_at(
+                        Some(i.span()),
+                        format!(
+                            "serve.imds.listen = {l} is also serve.listen: give each its own port"
+                        ),
+                    );
+                }
+            }
+            i.finish();
+            imds.map(Some)
+        }
+    };
+    Some(Serve {
+        socket: socket?,
+        socket_mode: socket_mode?,
+        listen: listen?,
+        imds: imds?,
+    })
+}
+
+fn read_imds(
+    cx: &Cx<'_>,
+    t: &mut Table<'_, '_>,
+    roles: &[String],
+    region: Option<&str>,
+) -> Option<Imds> {
+    let listen = t
+        .required_str(
+            "listen",
+            "give the address to listen on, e.g. \"127.0.0.1:2774\"",
+        )
+        .and_then(|v| {
+            cx.check(
+                &v,
+                format_args!("serve.imds.listen = {:?}", v.value),
+                parse_listen(v.value, Listener::Imds),
+            )
+        });
+    let role = match t.str("role") {
+        None => roles.first().cloned(),
+        Some(v) if roles.iter().any(|r| r == v.value) => Some(v.value.to_string()),
+        Some(v) => {
+            // Roles whose names are invalid were reported where they are.
+            if valid_role_name(v.value) {
+                cx.report(
+                    &v,
+                    format!(
+                        "serve.imds.role = {:?}: no such [[role]]; roles: {}",
+                        v.value,
+                        roles.join(", ")
+                    ),
+                );
+            } else {
+                cx.report(
+                    &v,
+                    format!("serve.imds.role = {:?}: no such [[role]]", v.value),
+                );
+            }
+            None
+        }
+    };
+    let hop_limit = t
+        .int_in("hop_limit", 1, 1, 255)
+        .and_then(|h| u8::try_from(h).ok());
+    let allow_uids = t.ids("allow_uids");
+    let own_region = match t.str("region") {
+        None => Some(None),
+        Some(v) if valid_region(v.value) => Some(Some(v.value.to_string())),
+        Some(v) => {
+            cx.report(
+                &v,
+                format!(
+                    "serve.imds.region = {:?}: give an AWS region name like \"eu-west-1\"",
+                    v.value
+                ),
+            );
+            None
+        }
+    };
+    Some(Imds {
+        listen: listen?,
+        role: role?,
+        hop_limit: hop_limit?,
+        allow_uids: allow_uids?,
+        region: own_region?.or_else(|| region.map(str::to_string)),
+    })
+}
+
+/// Which listener an address is for: each may bind loopback and the container link-local
+/// addresses of SPEC §4.5; IMDS also the EC2 metadata addresses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Listener {
+    /// `[serve] listen`: the credentials API.
+    Credentials,
+    /// `[serve.imds] listen`.
+    Imds,
+}
+
+/// ECS (`169.254.170.2`) and EKS (`169.254.170.23`, `fd00:ec2::23`) container-credentials
+/// addresses.
+const CONTAINER_ADDRESSES: [IpAddr; 3] = [
+    IpAddr::V4(Ipv4Addr::new(169, 254, 170, 2)),
+    IpAddr::V4(Ipv4Addr::new(169, 254, 170, 23)),
+    IpAddr::V6(Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x23)),
+];
+
+/// EC2 instance metadata addresses.
+const IMDS_ADDRESSES: [IpAddr; 2] = [
+    IpAddr::V4(Ipv4Addr::new(169, 254, 169, 254)),
+    IpAddr::V6(Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254)),
+];
+
+impl Listener {
+    /// Whether this listener may bind `ip`.
+    pub fn allows(self, ip: IpAddr) -> bool {
+        ip.is_loopback()
+            || CONTAINER_ADDRESSES.contains(&ip)
+            || (self == Listener::Imds && IMDS_ADDRESSES.contains(&ip))
+    }
+
+    fn allowed_list(self) -> String {
+        let mut list = vec!["loopback (127.0.0.0/8, ::1)".to_string()];
+        let extra = match self {
+            Listener::Credentials => &[][..],
+            Listener::Imds => &IMDS_ADDRESSES[..],
+        };
+        for ip in CONTAINER_ADDRESSES.iter().chain(extra) {
+            list.push(match ip {
+                IpAddr::V4(v4) => v4.to_string(),
+                IpAddr::V6(v6) => format!("[{v6}]"),
+            });
+        }
+        list.join(", ")
+    }
+}
+
+/// Why a listen address was refused.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ListenError {
+    /// Not `address:port`.
+    #[error("not an address: use 127.0.0.1:PORT or [::1]:PORT")]
+    Syntax,
+    /// Not an address this listener may bind.
+    #[error("{ip} is not an address this listener may bind: use {allowed} (SPEC §4.5)")]
+    NotAllowed {
+        /// The address given.
+        ip: IpAddr,
+        /// What is allowed.
+        allowed: String,
+    },
+}
+
+/// Parses a listen address and checks it is one `listener` may bind. `[serve] listen` needs a
+/// port; `[serve.imds] listen` defaults to port 80.
+pub fn parse_listen(s: &str, listener: Listener) -> Result<SocketAddr, ListenError> {
+    let addr = match listener {
+        Listener::Credentials => s.parse::<SocketAddr>().map_err(|_| ListenError::Syntax)?,
+        Listener::Imds => {
+            let hp = crate::net::HostPort::parse(s, IMDS_DEFAULT_PORT)
+                .map_err(|_| ListenError::Syntax)?;
+            SocketAddr::new(hp.ip().ok_or(ListenError::Syntax)?, hp.port())
+        }
+    };
+    if !listener.allows(addr.ip()) {
+        return Err(ListenError::NotAllowed {
+            ip: addr.ip(),
+            allowed: listener.allowed_list(),
+        });
+    }
+    Ok(addr)
+}
+
+/// `[sts]`, or its defaults when a chained role needs it. `None` when invalid (reported).
+fn read_sts(
+    cx: &Cx<'_>,
+    mut t: Option<&mut Table<'_, '_>>,
+    env: &ProxyEnv,
+    proxy: Option<&ProxySetting>,
+    roles: &Roles,
+    endpoint_region: Option<String>,
+) -> Option<Option<Sts>> {
+    let chained = roles
+        .roles
+        .iter()
+        .any(|r| matches!(r.source, RoleSource::Chained(_)));
+    let mut ok = true;
+    let endpoint = match t.as_mut().and_then(|t| t.str("endpoint")) {
+        None => None,
+        Some(v) => {
+            let url = cx.check(
+                &v,
+                format_args!("sts.endpoint = {:?}", v.value),
+                HttpsUrl::parse(v.value),
+            );
+            ok &= url.is_some();
+            url
+        }
+    };
+    let region = match t.as_mut().and_then(|t| t.str("region")) {
+        None => None,
+        Some(v) if valid_region(v.value) => Some(v.value.to_string()),
+        Some(v) => {
+            cx.report(
+                &v,
+                format!(
+                    "sts.region = {:?}: give an AWS region name like \"eu-west-1\"",
+                    v.value
+                ),
+            );
+            ok = false;
+            None
+        }
+    };
+    let ca = match t.as_mut().and_then(|t| t.str("ca")) {
+        None => None,
+        Some(v) => {
+            let p = cx.path(&v, "sts.ca");
+            ok &= p.is_some();
+            p
+        }
+    };
+    if !ok {
+        return None;
+    }
+    let region = region
+        .or_else(|| {
+            endpoint
+                .as_ref()
+                .and_then(|u| sts_region(u.server().addr().host()))
+        })
+        .or(endpoint_region);
+    let Some(region) = region else {
+        if chained {
+            let at = t.as_ref().map(|t| t.span());
+            cx.report_at(
+                at,
+                "chained roles need the STS region, and the endpoint host names none: set [sts] region",
+            );
+            return None;
+        }
+        return Some(None);
+    };
+    if t.is_none() && !chained {
+        return Some(None);
+    }
+    let endpoint = match endpoint {
+        Some(e) => e,
+        None => {
+            let suffix = if region.starts_with("cn-") { ".cn" } else { "" };
+            let url = format!("https://sts.{region}.amazonaws.com{suffix}");
+            // A valid region always gives a valid URL; should it not, say so like any value.
+            let at = t.as_ref().map(|t| t.span());
+            match HttpsUrl::parse(&url) {
+                Ok(u) => u,
+                Err(e) => {
+                    cx.report_at(at, format!("sts.endpoint {url:?}: {e}: set sts.endpoint"));
+                    return None;
+                }
+            }
+        }
+    };
+    let proxy = match proxy? {
+        ProxySetting::Explicit(p) => Some(p.clone()),
+        setting => proxy_for(cx, setting, env, endpoint.server().addr().host())?,
+    };
+    Some(Some(Sts {
+        endpoint,
+        region,
+        ca,
+        proxy,
+    }))
+}
+
+/// The region of a regional STS host (`sts.<region>.amazonaws.com`, `sts-fips.…`); the global
+/// `sts.amazonaws.com` signs in `us-east-1`.
+fn sts_region(host: &str) -> Option<String> {
+    if host.eq_ignore_ascii_case("sts.amazonaws.com") {
+        return Some("us-east-1".into());
+    }
+    region_in(host, |rest| match rest {
+        ["sts" | "sts-fips", region] => Some(*region),
+        _ => None,
+    })
 }
 
 fn valid_role_name(name: &str) -> bool {
     (1..=64).contains(&name.len())
         && name != "."
         && name != ".."
+        && !name.starts_with('.')
         && name
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
 }
 
-/// Parses `host[:port]` (IPv6 literals in brackets).
-pub fn parse_endpoint(s: &str) -> Result<Endpoint, String> {
-    let bad = || {
-        format!(
-            "endpoint {s:?}: use host[:port], e.g. \"xxxx.credentials.iot.eu-west-1.amazonaws.com\""
-        )
-    };
-    if s.contains("://") {
-        return Err(format!(
-            "endpoint {s:?}: give the host name only, without a scheme"
-        ));
-    }
-    if s.contains('/') || s.is_empty() || s.chars().any(|c| c.is_whitespace() || c.is_control()) {
-        return Err(bad());
-    }
-    let (host, port) = if let Some(rest) = s.strip_prefix('[') {
-        let (h, after) = rest.split_once(']').ok_or_else(bad)?;
-        match after {
-            "" => (h, None),
-            p => (h, Some(p.strip_prefix(':').ok_or_else(bad)?)),
-        }
-    } else {
-        match s.rsplit_once(':') {
-            Some((h, p)) if !h.contains(':') => (h, Some(p)),
-            Some(_) => {
-                return Err(format!(
-                    "endpoint {s:?}: put an IPv6 address in brackets, e.g. [::1]:8443"
-                ));
-            }
-            None => (s, None),
-        }
-    };
-    if host.is_empty() {
-        return Err(bad());
-    }
-    let port = match port {
-        None => 443,
-        Some(p) => match p.parse::<u16>() {
-            Ok(n) if n > 0 => n,
-            _ => return Err(format!("endpoint {s:?}: port {p:?} is not a TCP port")),
-        },
-    };
-    Ok(Endpoint {
-        host: host.to_string(),
-        port,
-    })
-}
+/// Why a file mode was refused.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{0:?} is not an octal file mode: write it as a string like \"0640\"")]
+pub struct ModeError(String);
 
 /// Parses an octal file mode like `"0640"`.
-pub fn parse_mode(s: &str) -> Result<u32, String> {
+pub fn parse_mode(s: &str) -> Result<u32, ModeError> {
     let digits = s.strip_prefix("0o").unwrap_or(s);
     match u32::from_str_radix(digits, 8) {
-        Ok(m) if m <= 0o777 && !digits.is_empty() => Ok(m),
-        _ => Err(format!(
-            "{s:?} is not an octal file mode: write it as a string like \"0640\""
-        )),
+        Ok(m) if m <= 0o777 && !digits.is_empty() && !digits.starts_with('+') => Ok(m),
+        _ => Err(ModeError(s.to_string())),
     }
-}
-
-/// Parses and checks a listen address: loopback, or a link-local address of SPEC §4.5.
-pub fn parse_listen(s: &str) -> Result<SocketAddr, String> {
-    let addr: SocketAddr = s
-        .parse()
-        .map_err(|_| format!("{s:?} is not an address: use 127.0.0.1:PORT or [::1]:PORT"))?;
-    let kind = crate::server::ListenerKind::Credentials;
-    if !crate::server::listen_allowed(addr.ip(), kind) {
-        return Err(format!(
-            "{s:?} is not a loopback address: the credentials API binds only to 127.0.0.0/8, ::1 \
-             or the container addresses {}",
-            kind.link_local_text()
-        ));
-    }
-    Ok(addr)
 }
 
 #[cfg(test)]
@@ -588,120 +920,420 @@ name = "default"
 role_alias = "GatewayRole"
 "#;
 
-    fn parse(t: &str) -> Result<Config, ConfigError> {
-        Config::parse(t, Path::new("/etc/iotcred/config.toml"))
+    fn parse(t: &str) -> Result<Config, LoadError> {
+        Config::parse_with_env(
+            t,
+            Path::new("/etc/iotcred/config.toml"),
+            &ProxyEnv::default(),
+        )
+    }
+
+    /// The problems, as `(line, message)`.
+    fn problems(t: &str) -> Vec<(Option<usize>, String)> {
+        match parse(t) {
+            Ok(_) => panic!("accepted:\n{t}"),
+            Err(LoadError::Invalid { problems, .. }) => {
+                problems.into_iter().map(|p| (p.line, p.message)).collect()
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    /// The one problem, as `line N: message`.
+    fn one(t: &str) -> String {
+        let p = problems(t);
+        assert_eq!(p.len(), 1, "{p:#?}");
+        match &p[0] {
+            (Some(l), m) => format!("line {l}: {m}"),
+            (None, m) => m.clone(),
+        }
+    }
+
+    fn with_serve(serve: &str) -> String {
+        MINIMAL.replace("[[role]]", &format!("{serve}\n[[role]]"))
     }
 
     #[test]
     fn minimal_defaults() {
         let c = parse(MINIMAL).unwrap();
-        assert_eq!(c.endpoint.port, 443);
+        assert_eq!(c.endpoint.port(), 443);
+        assert_eq!(c.endpoint.region().as_deref(), Some("eu-west-1"));
         assert_eq!(c.certificate, PathBuf::from("/etc/iotcred/device.pem"));
+        assert_eq!(c.key, KeySource::Pem("/etc/iotcred/device.key".into()));
         assert_eq!(c.timeout, Duration::from_secs(10));
         assert_eq!(c.runtime_dir, PathBuf::from("/run/iotcred"));
+        assert_eq!(c.state_dir, PathBuf::from("/var/lib/iotcred"));
         assert_eq!(c.serve.socket, PathBuf::from("/run/iotcred/agent.sock"));
         assert_eq!(c.serve.socket_mode, 0o660);
+        assert_eq!((c.serve.listen, &c.serve.imds), (None, &None));
         assert_eq!(c.refresh.mode, Mode::Proactive);
         assert_eq!(c.refresh.refresh_before, Duration::from_secs(900));
         assert_eq!(c.refresh.jitter, Duration::from_secs(120));
         assert_eq!(c.refresh.max_backoff, Duration::from_secs(300));
+        assert_eq!((&c.proxy, &c.sts), (&None, &None));
         assert_eq!(c.roles.len(), 1);
         assert_eq!(c.role(None).unwrap().1.name, "default");
     }
 
     #[test]
+    fn provider_request_is_built_at_load() {
+        let t = MINIMAL
+            .replace("device.pem\"", "device.pem\"\nthing_name = \"gw-1\"")
+            .replace("GatewayRole\"", "GatewayRole\"\nduration_seconds = 7200");
+        let c = parse(&t).unwrap();
+        let RoleSource::Provider(p) = &c.roles[0].source else {
+            panic!("not a provider role")
+        };
+        let text = String::from_utf8(p.request.as_bytes().to_vec()).unwrap();
+        assert!(
+            text.starts_with("GET /role-aliases/GatewayRole/credentials HTTP/1.1\r\nHost: abc.credentials.iot.eu-west-1.amazonaws.com\r\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("\r\nx-amzn-iot-thingname: gw-1\r\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("\r\nx-amzn-iot-credential-duration-seconds: 7200\r\n"),
+            "{text}"
+        );
+        assert_eq!(p.duration.map(|d| d.as_secs()), Some(7200));
+    }
+
+    #[test]
     fn unknown_key_names_key_and_line() {
         let t = format!("{MINIMAL}bogus_key = 1\n");
-        let e = parse(&t).unwrap_err().to_string();
-        assert!(e.contains("bogus_key"), "{e}");
-        assert!(e.contains("line 8"), "{e}");
+        // After [[role]], the key belongs to the role.
+        assert!(
+            one(&t).starts_with("line 8: unknown key `role.bogus_key` in [role]"),
+            "{}",
+            one(&t)
+        );
+        let t = format!("bogus_key = 1\n{MINIMAL}");
+        assert!(one(&t).starts_with("line 1: unknown key `bogus_key` at the top level"));
     }
 
     #[test]
     fn unknown_key_in_section() {
-        let t = MINIMAL.replace("[[role]]", "[serve]\nsockett = \"x\"\n[[role]]");
-        let e = parse(&t).unwrap_err().to_string();
-        assert!(e.contains("sockett") && e.contains("line 6"), "{e}");
+        let e = one(&with_serve("[serve]\nsockett = \"x\""));
+        assert!(e.starts_with("line 6: unknown key `serve.sockett`"), "{e}");
+        assert!(e.contains("socket_mode"), "{e}");
+        let e = one(&with_serve(
+            "[serve.imds]\nlisten = \"127.0.0.1:1\"\nhops = 2",
+        ));
+        assert!(
+            e.starts_with("line 7: unknown key `serve.imds.hops`"),
+            "{e}"
+        );
+        let e = one(&with_serve("[sts]\nregon = \"eu-west-1\""));
+        assert!(e.starts_with("line 6: unknown key `sts.regon`"), "{e}");
+    }
+
+    #[test]
+    fn syntax_and_type_errors_name_the_line() {
+        let p = problems(&format!("{MINIMAL}x = = 1\n"));
+        assert!(p.iter().all(|p| p.0 == Some(8)), "{p:#?}");
+        let e = one(&format!("timeout_seconds = \"10\"\n{MINIMAL}"));
+        assert_eq!(
+            e,
+            "line 1: `timeout_seconds` must be a whole number, not a string"
+        );
+        let e = one(&with_serve("serve = 1"));
+        assert!(e.contains("`serve` must be a table"), "{e}");
+        let e = one(&MINIMAL.replace("\"GatewayRole\"", "[\"GatewayRole\"]"));
+        assert_eq!(
+            e,
+            "line 7: `role.role_alias` must be a string, not an array"
+        );
+    }
+
+    #[test]
+    fn missing_keys() {
+        let t = MINIMAL.replace(
+            "endpoint = \"abc.credentials.iot.eu-west-1.amazonaws.com\"\n",
+            "",
+        );
+        let e = one(&t);
+        assert!(e.starts_with("`endpoint` is missing"), "{e}");
+        let t = MINIMAL.replace("name = \"default\"\n", "");
+        assert!(
+            one(&t).starts_with("line 5: `role.name` is missing"),
+            "{}",
+            one(&t)
+        );
+    }
+
+    #[test]
+    fn every_problem_at_once_in_file_order() {
+        let t = "\
+endpoint = \"https://abc.credentials.iot.eu-west-1.amazonaws.com\"
+certificate = \"device.pem\"
+key = \"device.key\"
+timeout_seconds = 0
+[serve]
+listen = \"0.0.0.0:2773\"
+[[role]]
+name = \"default\"
+role_alias = \"Gateway Role\"
+colour = \"blue\"
+";
+        let p = problems(t);
+        let lines: Vec<Option<usize>> = p.iter().map(|p| p.0).collect();
+        assert_eq!(
+            lines,
+            [Some(1), Some(4), Some(6), Some(9), Some(10)],
+            "{p:#?}"
+        );
+        assert!(p[0].1.contains("without a scheme"), "{p:#?}");
+        assert!(p[1].1.contains("timeout_seconds = 0"), "{p:#?}");
+        assert!(p[2].1.contains("loopback"), "{p:#?}");
+        assert!(p[3].1.contains("role_alias"), "{p:#?}");
+        assert!(p[4].1.contains("colour"), "{p:#?}");
+        let e = parse(t).unwrap_err();
+        assert_eq!(e.lines().len(), 5);
+        assert!(
+            e.lines()[0].starts_with("config /etc/iotcred/config.toml line 1: "),
+            "{}",
+            e
+        );
     }
 
     #[test]
     fn bad_role_alias_names_line() {
-        let t = MINIMAL.replace("GatewayRole", "Gateway Role!");
-        let e = parse(&t).unwrap_err().to_string();
-        assert!(e.contains("role_alias") && e.contains("line 7"), "{e}");
+        let e = one(&MINIMAL.replace("GatewayRole", "Gateway Role!"));
+        assert!(e.starts_with("line 7: role_alias:"), "{e}");
     }
 
     #[test]
-    fn listen_must_be_loopback() {
-        let t = MINIMAL.replace("[[role]]", "[serve]\nlisten = \"0.0.0.0:2773\"\n[[role]]");
-        let e = parse(&t).unwrap_err().to_string();
-        assert!(e.contains("loopback"), "{e}");
-        let t = MINIMAL.replace("[[role]]", "[serve]\nlisten = \"[::1]:2773\"\n[[role]]");
-        assert!(parse(&t).unwrap().serve.listen.unwrap().ip().is_loopback());
-    }
-
-    #[test]
-    fn endpoints() {
-        assert_eq!(
-            parse_endpoint("a.b:8443").unwrap(),
-            Endpoint {
-                host: "a.b".into(),
-                port: 8443
-            }
-        );
-        assert_eq!(
-            parse_endpoint("[::1]:9").unwrap(),
-            Endpoint {
-                host: "::1".into(),
-                port: 9
-            }
-        );
-        assert_eq!(parse_endpoint("[::1]").unwrap().port, 443);
+    fn listen_loopback_or_link_local() {
+        let listen = |s: &str| parse(&with_serve(&format!("[serve]\nlisten = \"{s}\"")));
+        for ok in [
+            "127.0.0.1:2773",
+            "127.3.0.1:1",
+            "[::1]:2773",
+            "169.254.170.2:80",
+            "169.254.170.23:80",
+            "[fd00:ec2::23]:80",
+        ] {
+            let c = listen(ok).unwrap_or_else(|e| panic!("{ok}: {e}"));
+            assert_eq!(c.serve.listen, Some(ok.parse().unwrap()));
+        }
+        for bad in [
+            "0.0.0.0:2773",
+            "10.0.0.1:80",
+            "169.254.169.254:80",
+            "[fd00:ec2::254]:80",
+            "169.254.170.3:80",
+            "[::]:80",
+        ] {
+            let e = listen(bad).unwrap_err().to_string();
+            assert!(
+                e.contains("line 6") && e.contains("may bind: use loopback (127.0.0.0/8, ::1)"),
+                "{bad}: {e}"
+            );
+            assert!(
+                e.contains("169.254.170.2, 169.254.170.23, [fd00:ec2::23] (SPEC §4.5)"),
+                "{e}"
+            );
+        }
+        // The credentials API needs a port; garbage is named.
         assert!(
-            parse_endpoint("https://a.b")
+            listen("127.0.0.1")
                 .unwrap_err()
-                .contains("scheme")
+                .to_string()
+                .contains("not an address")
         );
-        assert!(parse_endpoint("a.b:0").is_err());
-        assert!(parse_endpoint("a.b:x").is_err());
-        assert!(parse_endpoint("::1").is_err());
-        assert!(parse_endpoint("").is_err());
+        assert!(listen("localhost:80").is_err());
+    }
+
+    #[test]
+    fn imds_section() {
+        let t = format!(
+            "{}[[role]]\nname = \"second\"\nrole_alias = \"B\"\n",
+            with_serve(
+                "[serve]\nlisten = \"127.0.0.1:2773\"\n[serve.imds]\nlisten = \"169.254.169.254\"\nrole = \"second\"\nhop_limit = 2\nallow_uids = [1000, 1001]\nregion = \"us-east-2\""
+            )
+        );
+        let imds = parse(&t).unwrap().serve.imds.unwrap();
+        assert_eq!(
+            imds,
+            Imds {
+                listen: "169.254.169.254:80".parse().unwrap(),
+                role: "second".into(),
+                hop_limit: 2,
+                allow_uids: vec![1000, 1001],
+                region: Some("us-east-2".into()),
+            }
+        );
+        // Defaults: the default role, hop limit 1, any uid, the endpoint's region.
+        let imds = parse(&with_serve("[serve.imds]\nlisten = \"[::1]:2774\""))
+            .unwrap()
+            .serve
+            .imds
+            .unwrap();
+        assert_eq!(imds.listen, "[::1]:2774".parse().unwrap());
+        assert_eq!(imds.role, "default");
+        assert_eq!((imds.hop_limit, imds.allow_uids.len()), (1, 0));
+        assert_eq!(imds.region.as_deref(), Some("eu-west-1"));
+        for ok in ["[fd00:ec2::254]:80", "169.254.170.2:8080", "[fd00:ec2::23]"] {
+            assert!(
+                parse(&with_serve(&format!("[serve.imds]\nlisten = \"{ok}\""))).is_ok(),
+                "{ok}"
+            );
+        }
+        // No region anywhere: none.
+        let t = with_serve("[serve.imds]\nlisten = \"127.0.0.1:2774\"").replace(
+            "abc.credentials.iot.eu-west-1.amazonaws.com",
+            "localhost:8443",
+        );
+        assert_eq!(parse(&t).unwrap().serve.imds.unwrap().region, None);
+    }
+
+    #[test]
+    fn imds_errors() {
+        let imds = |body: &str| one(&with_serve(&format!("[serve.imds]\n{body}")));
+        assert_eq!(
+            imds("role = \"default\""),
+            "line 5: `serve.imds.listen` is missing: give the address to listen on, e.g. \"127.0.0.1:2774\""
+        );
+        let e = imds("listen = \"0.0.0.0:80\"");
+        assert!(
+            e.starts_with(
+                "line 6: serve.imds.listen = \"0.0.0.0:80\": 0.0.0.0 is not an address this listener may bind: use loopback"
+            ),
+            "{e}"
+        );
+        assert!(e.contains("169.254.169.254, [fd00:ec2::254]"), "{e}");
+        let e = imds("listen = \"127.0.0.1:1\"\nrole = \"nope\"");
+        assert_eq!(
+            e,
+            "line 7: serve.imds.role = \"nope\": no such [[role]]; roles: default"
+        );
+        for bad in ["0", "256", "-1"] {
+            let e = imds(&format!("listen = \"127.0.0.1:1\"\nhop_limit = {bad}"));
+            assert!(e.starts_with("line 7: serve.imds.hop_limit"), "{e}");
+            assert!(e.contains("from 1 to 255"), "{e}");
+        }
+        let e = imds("listen = \"127.0.0.1:1\"\nallow_uids = [-1]");
+        assert!(e.starts_with("line 7: serve.imds.allow_uids: -1"), "{e}");
+        let e = imds("listen = \"127.0.0.1:1\"\nregion = \"Europe\"");
+        assert!(e.starts_with("line 7: serve.imds.region"), "{e}");
+        let e = one(&with_serve(
+            "[serve]\nlisten = \"127.0.0.1:1\"\n[serve.imds]\nlisten = \"127.0.0.1:1\"",
+        ));
+        assert!(e.contains("is also serve.listen"), "{e}");
+    }
+
+    #[test]
+    fn endpoints_and_regions() {
+        let ep = |s: &str| Endpoint::parse(s);
+        assert_eq!(ep("a.b:8443").unwrap().to_string(), "a.b:8443");
+        assert_eq!(ep("[::1]:9").unwrap().host(), "::1");
+        assert_eq!(ep("[::1]").unwrap().port(), 443);
+        assert_eq!(ep("https://a.b"), Err(AddressError::Scheme));
+        for bad in ["a.b:0", "a.b:x", "::1", "", "a b", "a/b", "-a"] {
+            assert!(ep(bad).is_err(), "{bad}");
+        }
+        let region = |s: &str| ep(s).unwrap().region();
+        assert_eq!(
+            region("c2x.credentials.iot.eu-west-1.amazonaws.com").as_deref(),
+            Some("eu-west-1")
+        );
+        assert_eq!(
+            region("C2X.Credentials.IoT.cn-north-1.amazonaws.com.cn:443").as_deref(),
+            Some("cn-north-1")
+        );
+        assert_eq!(
+            region("a.b.credentials.iot.us-gov-west-1.amazonaws.com.").as_deref(),
+            Some("us-gov-west-1")
+        );
+        for none in [
+            "localhost",
+            "127.0.0.1:8443",
+            "credentials.iot.eu-west-1.amazonaws.com",
+            "x.credentials.iot.eu-west-1.example.com",
+            "x.iot.eu-west-1.amazonaws.com",
+            "x.credentials.iot.eu_west.amazonaws.com",
+        ] {
+            assert_eq!(region(none), None, "{none}");
+        }
+        assert_eq!(
+            sts_region("sts.eu-west-1.amazonaws.com").as_deref(),
+            Some("eu-west-1")
+        );
+        assert_eq!(
+            sts_region("sts.amazonaws.com").as_deref(),
+            Some("us-east-1")
+        );
+        assert_eq!(
+            sts_region("sts-fips.us-east-2.amazonaws.com").as_deref(),
+            Some("us-east-2")
+        );
+        assert_eq!(sts_region("localhost"), None);
     }
 
     #[test]
     fn modes_and_ranges() {
         assert_eq!(parse_mode("0640").unwrap(), 0o640);
-        assert!(parse_mode("0999").is_err());
-        assert!(parse_mode("").is_err());
-        let t = format!("timeout_seconds = 0\n{MINIMAL}");
-        assert!(
-            parse(&t)
-                .unwrap_err()
-                .to_string()
-                .contains("timeout_seconds")
+        assert_eq!(parse_mode("0o640").unwrap(), 0o640);
+        for bad in ["0999", "", "+7", "01777"] {
+            assert!(parse_mode(bad).is_err(), "{bad}");
+        }
+        let e = one(&format!("timeout_seconds = 0\n{MINIMAL}"));
+        assert_eq!(
+            e,
+            "line 1: timeout_seconds = 0: use a whole number from 1 to 300"
         );
-        let t = MINIMAL.replace("GatewayRole\"", "GatewayRole\"\nduration_seconds = 60");
+        let e = one(&MINIMAL.replace("GatewayRole\"", "GatewayRole\"\nduration_seconds = 60"));
         assert!(
-            parse(&t)
-                .unwrap_err()
-                .to_string()
-                .contains("duration_seconds")
+            e.starts_with("line 8: duration_seconds = 60: use 900 to 43200"),
+            "{e}"
         );
-        let t = MINIMAL.replace("[[role]]", "[refresh]\nmode = \"lazy\"\n[[role]]");
-        assert!(parse(&t).unwrap_err().to_string().contains("on-demand"));
+        let e = one(&with_serve("[refresh]\nmode = \"lazy\""));
+        assert!(
+            e.starts_with("line 6: refresh.mode") && e.contains("on-demand"),
+            "{e}"
+        );
+        let e = one(&with_serve("[refresh]\njitter_seconds = 3601"));
+        assert!(
+            e.starts_with("line 6: refresh.jitter_seconds = 3601"),
+            "{e}"
+        );
+        let e = one(&with_serve("[serve]\nsocket_mode = \"777\"\nsocket = \"\""));
+        assert!(e.starts_with("line 7: `serve.socket` is empty"), "{e}");
+    }
+
+    #[test]
+    fn dirs() {
+        let c = parse(&format!(
+            "runtime_dir = \"run\"\nstate_dir = \"state\"\n{MINIMAL}"
+        ))
+        .unwrap();
+        assert_eq!(c.runtime_dir, PathBuf::from("/etc/iotcred/run"));
+        assert_eq!(c.serve.socket, PathBuf::from("/etc/iotcred/run/agent.sock"));
+        assert_eq!(c.state_dir, PathBuf::from("/etc/iotcred/state"));
+        let e = one(&format!("state_dir = \"\"\n{MINIMAL}"));
+        assert_eq!(e, "line 1: `state_dir` is empty: give a path");
     }
 
     #[test]
     fn roles_unique_and_required() {
         let t = format!("{MINIMAL}[[role]]\nname = \"default\"\nrole_alias = \"B\"\n");
-        assert!(parse(&t).unwrap_err().to_string().contains("twice"));
+        assert!(one(&t).starts_with("line 9: role name \"default\" is used twice"));
         let t = MINIMAL.replace(
             "[[role]]\nname = \"default\"\nrole_alias = \"GatewayRole\"\n",
             "",
         );
-        assert!(parse(&t).unwrap_err().to_string().contains("[[role]]"));
-        let t = MINIMAL.replace("\"default\"", "\"../x\"");
-        assert!(parse(&t).unwrap_err().to_string().contains("role name"));
+        assert!(one(&t).starts_with("no [[role]] configured"));
+        for bad in ["../x", ".hidden", ""] {
+            let e = one(&MINIMAL.replace("\"default\"", &format!("{bad:?}")));
+            assert!(e.starts_with("line 6: role name"), "{e}");
+        }
+        let e = one(&MINIMAL.replace("role_alias = \"GatewayRole\"\n", ""));
+        assert!(
+            e.starts_with("line 5: role \"default\": give role_alias"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -721,8 +1353,12 @@ role_alias = "GatewayRole"
         );
         assert_eq!(f[1].path, PathBuf::from("/etc/iotcred/c.json"));
         assert_eq!(f[1].mode, 0o600);
-        let bad = t.replace("\"env\"", "\"yaml\"");
-        assert!(parse(&bad).unwrap_err().to_string().contains("yaml"));
+        let e = one(&t.replace("\"env\"", "\"yaml\""));
+        assert!(e.starts_with("line 10: role.file.format = \"yaml\""), "{e}");
+        let e = one(&t.replace("c.json", "/run/x/creds"));
+        assert!(e.contains("written by two sinks"), "{e}");
+        let e = one(&t.replace("  path = \"c.json\"\n", ""));
+        assert!(e.starts_with("line 12: `role.file.path` is missing"), "{e}");
     }
 
     #[test]
@@ -734,5 +1370,276 @@ role_alias = "GatewayRole"
         let c = parse(&t).unwrap();
         assert!(matches!(c.key, KeySource::Pkcs11(_)));
         assert!(!format!("{:?}", c.key).contains("1234"));
+        let e = one(&MINIMAL.replace("\"device.key\"", "\"pkcs11:bogus=1\""));
+        assert!(e.starts_with("line 4: key:"), "{e}");
+    }
+
+    #[test]
+    fn proxy_resolved_at_load() {
+        let path = Path::new("/etc/iotcred/config.toml");
+        let env = ProxyEnv {
+            https_proxy: Some("http://envproxy:8080".into()),
+            no_proxy: Some(".internal".into()),
+        };
+        let c = Config::parse_with_env(MINIMAL, path, &env).unwrap();
+        assert_eq!(c.proxy.unwrap().addr.to_string(), "envproxy:8080");
+        let t = MINIMAL.replace("abc.credentials.iot.eu-west-1.amazonaws.com", "x.internal");
+        assert_eq!(Config::parse_with_env(&t, path, &env).unwrap().proxy, None);
+        let t = format!("proxy = \"http://[::1]\"\n{MINIMAL}");
+        let c = Config::parse_with_env(&t, path, &env).unwrap();
+        assert_eq!(c.proxy.unwrap().addr.to_string(), "[::1]:3128");
+        let e = one(&format!("proxy = \"https://p:1\"\n{MINIMAL}"));
+        assert!(
+            e.starts_with("line 1: proxy = \"https://p:1\": scheme \"https\""),
+            "{e}"
+        );
+        let bad = ProxyEnv {
+            https_proxy: Some("socks5://p".into()),
+            no_proxy: None,
+        };
+        let e = Config::parse_with_env(MINIMAL, path, &bad)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("HTTPS_PROXY = \"socks5://p\"") && e.contains("set `proxy`"),
+            "{e}"
+        );
+    }
+
+    const CHAINED: &str = r#"
+[[role]]
+name = "analytics"
+source_role = "default"
+assume_role_arn = "arn:aws:iam::210987654321:role/GatewayAnalytics"
+"#;
+
+    fn chained(extra: &str) -> String {
+        format!("thing_name = \"gateway-0042\"\n{MINIMAL}{CHAINED}{extra}")
+    }
+
+    #[test]
+    fn chained_role_defaults() {
+        let c = parse(&chained("")).unwrap();
+        let (_, role) = c.role(Some("analytics")).unwrap();
+        assert_eq!(
+            role.source,
+            RoleSource::Chained(ChainedRole {
+                source_role: "default".into(),
+                role_arn: "arn:aws:iam::210987654321:role/GatewayAnalytics".into(),
+                session_name: "gateway-0042".into(),
+                external_id: None,
+                duration: Duration::from_secs(3600),
+            })
+        );
+        let sts = c.sts.unwrap();
+        assert_eq!(
+            sts.endpoint.to_string(),
+            "https://sts.eu-west-1.amazonaws.com/"
+        );
+        assert_eq!(sts.region, "eu-west-1");
+        assert_eq!((sts.ca, sts.proxy), (None, None));
+    }
+
+    #[test]
+    fn chained_role_all_keys() {
+        let t = chained(
+            "session_name = \"gw@site-1\"\nexternal_id = \"ext:id/1\"\nduration_seconds = 900\nallow_uids = [1000]\n[sts]\nendpoint = \"https://sts.us-east-2.amazonaws.com\"\nca = \"sts-ca.pem\"\n",
+        );
+        let c = parse(&t).unwrap();
+        let RoleSource::Chained(ch) = &c.roles[1].source else {
+            panic!("not chained")
+        };
+        assert_eq!(ch.session_name, "gw@site-1");
+        assert_eq!(ch.external_id.as_deref(), Some("ext:id/1"));
+        assert_eq!(ch.duration, Duration::from_secs(900));
+        assert_eq!(c.roles[1].allow_uids, [1000]);
+        let sts = c.sts.unwrap();
+        // The region of an explicit STS endpoint wins over the credentials endpoint's.
+        assert_eq!(sts.region, "us-east-2");
+        assert_eq!(sts.ca, Some(PathBuf::from("/etc/iotcred/sts-ca.pem")));
+        // Explicit region, custom endpoint, and a proxy for STS resolved on its own host.
+        let t =
+            chained("[sts]\nendpoint = \"https://127.0.0.1:8443/\"\nregion = \"eu-central-1\"\n")
+                .replace("abc.credentials.iot.eu-west-1.amazonaws.com", "localhost");
+        let env = ProxyEnv {
+            https_proxy: Some("http://p:1".into()),
+            no_proxy: Some("localhost".into()),
+        };
+        let c = Config::parse_with_env(&t, Path::new("/c.toml"), &env).unwrap();
+        assert_eq!(c.proxy, None);
+        let sts = c.sts.unwrap();
+        assert_eq!(sts.region, "eu-central-1");
+        assert_eq!(sts.endpoint.server().addr().to_string(), "127.0.0.1:8443");
+        assert_eq!(sts.proxy.unwrap().addr.to_string(), "p:1");
+        // China regions get the .cn STS host.
+        let t = chained("").replace("eu-west-1.amazonaws.com", "cn-north-1.amazonaws.com.cn");
+        assert_eq!(
+            parse(&t).unwrap().sts.unwrap().endpoint.to_string(),
+            "https://sts.cn-north-1.amazonaws.com.cn/"
+        );
+    }
+
+    #[test]
+    fn sts_region_required_for_chained_roles() {
+        let t = chained("").replace("abc.credentials.iot.eu-west-1.amazonaws.com", "localhost");
+        let e = one(&t);
+        assert!(e.starts_with("chained roles need the STS region"), "{e}");
+        let e = one(&format!("{t}[sts]\nendpoint = \"https://localhost:1\"\n"));
+        assert!(
+            e.starts_with("line 14: chained roles need the STS region"),
+            "{e}"
+        );
+        // Without chained roles an [sts] without region is harmless.
+        let t = MINIMAL.replace("abc.credentials.iot.eu-west-1.amazonaws.com", "localhost");
+        assert_eq!(parse(&format!("{t}[sts]\n")).unwrap().sts, None);
+        // [sts] alone, with a region, is kept.
+        assert_eq!(
+            parse(&format!("{MINIMAL}[sts]\n"))
+                .unwrap()
+                .sts
+                .unwrap()
+                .region,
+            "eu-west-1"
+        );
+        let e = one(&format!(
+            "{MINIMAL}[sts]\nendpoint = \"http://sts.amazonaws.com\"\n"
+        ));
+        assert!(
+            e.starts_with(
+                "line 9: sts.endpoint = \"http://sts.amazonaws.com\": use an https:// URL"
+            ),
+            "{e}"
+        );
+        let e = one(&format!("{MINIMAL}[sts]\nregion = \"EU\"\n"));
+        assert!(e.starts_with("line 9: sts.region"), "{e}");
+    }
+
+    #[test]
+    fn chained_role_errors() {
+        let e = one(&chained("").replace(
+            "arn:aws:iam::210987654321:role/GatewayAnalytics",
+            "arn:aws:iam::2109:role/X",
+        ));
+        assert!(
+            e.starts_with(
+                "line 13: assume_role_arn = \"arn:aws:iam::2109:role/X\": use an IAM role ARN"
+            ),
+            "{e}"
+        );
+        let e = one(&chained("").replace(
+            "assume_role_arn = \"arn:aws:iam::210987654321:role/GatewayAnalytics\"\n",
+            "",
+        ));
+        assert!(
+            e.starts_with("line 10: `role.assume_role_arn` is missing"),
+            "{e}"
+        );
+        let e = one(&chained("session_name = \"a b\"\n"));
+        assert!(
+            e.starts_with("line 14: session_name = \"a b\": ' ' is not allowed"),
+            "{e}"
+        );
+        let e = one(&chained("session_name = \"a\"\n"));
+        assert!(e.contains("use 2 to 64 characters, not 1"), "{e}");
+        let e = one(&chained("external_id = \"x\"\n"));
+        assert!(e.starts_with("line 14: external_id: use 2 to 1224"), "{e}");
+        let e = one(&chained("external_id = \"a b\"\n"));
+        assert!(!e.contains("a b"), "the external id is not echoed: {e}");
+        for bad in ["899", "3601"] {
+            let e = one(&chained(&format!("duration_seconds = {bad}\n")));
+            assert!(
+                e.starts_with(&format!(
+                    "line 14: role.duration_seconds = {bad}: use a whole number from 900 to 3600"
+                )),
+                "{e}"
+            );
+        }
+        // The session name defaults to the thing name: it must exist and be a valid one.
+        let no_thing = format!("{MINIMAL}{CHAINED}");
+        let e = one(&no_thing);
+        assert!(
+            e.starts_with("line 11: a chained role needs a session name"),
+            "{e}"
+        );
+        let e = one(&chained("").replace("gateway-0042", "gw:1"));
+        assert!(
+            e.contains("thing_name \"gw:1\"") && e.contains("set session_name"),
+            "{e}"
+        );
+        // One kind or the other.
+        let e = one(&chained("role_alias = \"X\"\n"));
+        assert!(
+            e.starts_with("line 12: a role has either role_alias"),
+            "{e}"
+        );
+        let e = one(&format!("{MINIMAL}session_name = \"s1\"\n"));
+        assert!(
+            e.starts_with("line 8: session_name is for chained roles"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn arn_session_and_external_id_rules() {
+        for ok in [
+            "arn:aws:iam::123456789012:role/R",
+            "arn:aws-cn:iam::123456789012:role/path/to/R+=,.@_-",
+            "arn:aws-us-gov:iam::123456789012:role/R",
+        ] {
+            assert!(check_role_arn(ok).is_ok(), "{ok}");
+        }
+        let long_name = format!("arn:aws:iam::123456789012:role/{}", "r".repeat(65));
+        for bad in [
+            "",
+            "arn:aws:iam::123456789012:user/R",
+            "arn:aws:iam:us-east-1:123456789012:role/R",
+            "arn:azure:iam::123456789012:role/R",
+            "arn:aws:iam::12345678901a:role/R",
+            "arn:aws:iam::123456789012:role/",
+            "arn:aws:iam::123456789012:role/a b",
+            "arn:aws:sts::123456789012:role/R",
+            long_name.as_str(),
+        ] {
+            assert_eq!(check_role_arn(bad), Err(StsValueError::RoleArn), "{bad}");
+        }
+        assert!(check_session_name("ab").is_ok());
+        assert!(check_session_name(&"a".repeat(64)).is_ok());
+        assert!(check_session_name(&"a".repeat(65)).is_err());
+        assert!(check_session_name("a:b").is_err());
+        assert!(check_external_id("a:b/c").is_ok());
+        assert!(check_external_id(&"a".repeat(1225)).is_err());
+    }
+
+    #[test]
+    fn source_roles_exist_and_do_not_cycle() {
+        let e = one(&chained("").replace("source_role = \"default\"", "source_role = \"nope\""));
+        assert!(
+            e.starts_with("line 12: source_role = \"nope\": no such [[role]]; roles: default"),
+            "{e}"
+        );
+        let e =
+            one(&chained("").replace("source_role = \"default\"", "source_role = \"analytics\""));
+        assert!(
+            e.starts_with("line 12: source_role = \"analytics\": a role cannot be its own source"),
+            "{e}"
+        );
+        // a -> b -> a, reported once; c -> a is fine by itself (its chain ends in the cycle).
+        let arn = "assume_role_arn = \"arn:aws:iam::210987654321:role/R\"";
+        let t = format!(
+            "thing_name = \"gw\"\n{MINIMAL}[[role]]\nname = \"a\"\nsource_role = \"b\"\n{arn}\n[[role]]\nname = \"b\"\nsource_role = \"a\"\n{arn}\n[[role]]\nname = \"c\"\nsource_role = \"a\"\n{arn}\n"
+        );
+        let e = one(&t);
+        assert_eq!(
+            e,
+            "line 11: source_role: the roles a -> b -> a form a cycle: one of them needs a role_alias"
+        );
+        // A chain of chains that ends at a provider role is fine.
+        let t = format!(
+            "thing_name = \"gw\"\n{MINIMAL}[[role]]\nname = \"a\"\nsource_role = \"b\"\n{arn}\n[[role]]\nname = \"b\"\nsource_role = \"default\"\n{arn}\n"
+        );
+        assert_eq!(parse(&t).unwrap().roles.len(), 3);
+        // IMDS may serve a chained role.
+        let t = chained("").replace("[[role]]\nname = \"default\"", "[serve.imds]\nlisten = \"127.0.0.1:1\"\nrole = \"analytics\"\n[[role]]\nname = \"default\"");
+        assert_eq!(parse(&t).unwrap().serve.imds.unwrap().role, "analytics");
     }
 }

@@ -11,13 +11,13 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
-use crate::config::{Config, Role};
+use crate::config::{Config, Role, RoleSource};
 use crate::exit::Exit;
 use crate::metrics::Metrics;
 use crate::refresh::{Refresher, schedule_config};
-use crate::source::{ProviderSource, Source};
+use crate::source::{BoxFuture, Obtained, ProviderSource, Source, SourceError};
 use crate::state::{Clock, RoleHandle, RolePublisher, role_channel};
-use crate::upstream::{RoleRequest, Upstream};
+use crate::upstream::Upstream;
 use crate::{sdnotify, server, tls};
 
 /// How long in-flight local requests may take to finish after SIGTERM.
@@ -122,24 +122,57 @@ pub(crate) fn carried(
         .collect()
 }
 
-/// Whether two roles ask for the same credentials.
+/// Whether two roles ask for the same credentials (the device identity is compared apart).
 fn same_source(a: &Role, b: &Role) -> bool {
-    a.role_alias == b.role_alias && a.duration == b.duration
+    match (&a.source, &b.source) {
+        (RoleSource::Provider(a), RoleSource::Provider(b)) => {
+            a.role_alias == b.role_alias && a.duration == b.duration
+        }
+        (a, b) => a == b,
+    }
 }
 
 /// The source of a role on the device's upstream.
 fn source_for(upstream: &Arc<Upstream>, role: &Role) -> Arc<dyn Source> {
-    Arc::new(ProviderSource::new(
-        upstream.clone(),
-        RoleRequest {
-            role_alias: role.role_alias.clone(),
-            duration: role.duration,
-        },
-    ))
+    match &role.source {
+        RoleSource::Provider(p) => Arc::new(ProviderSource::new(upstream.clone(), p.clone())),
+        RoleSource::Chained(_) => Arc::new(Unserved),
+    }
+}
+
+/// Chained roles (SPEC §9) are parsed and validated, but no source serves them yet: `run` and
+/// a reload refuse a configuration that has them.
+fn chained_not_supported(config: &Config) -> Option<String> {
+    let chained: Vec<&str> = config
+        .roles
+        .iter()
+        .filter(|r| matches!(r.source, RoleSource::Chained(_)))
+        .map(|r| r.name.as_str())
+        .collect();
+    (!chained.is_empty()).then(|| {
+        format!(
+            "role(s) {} use source_role: chained roles are not supported yet by `run`; remove them or give them a role_alias",
+            chained.join(", ")
+        )
+    })
+}
+
+/// Stands in for a chained role's source, which [`chained_not_supported`] keeps from starting.
+#[derive(Debug)]
+struct Unserved;
+
+impl Source for Unserved {
+    fn fetch(&self) -> BoxFuture<'_, Result<Obtained, SourceError>> {
+        Box::pin(std::future::pending())
+    }
 }
 
 /// Runs the agent until SIGTERM/SIGINT. Returns the exit code.
 pub async fn run(config: Config) -> Exit {
+    if let Some(e) = chained_not_supported(&config) {
+        eprintln!("iotcred: {e}");
+        return Exit::Config;
+    }
     let identity = match wait_for_identity(&config).await {
         Ok(i) => i,
         Err(code) => return code,
@@ -157,20 +190,14 @@ pub async fn run(config: Config) -> Exit {
     }
     tracing::info!(
         version = env!("CARGO_PKG_VERSION"),
-        endpoint = %format!("{}:{}", config.endpoint.host, config.endpoint.port),
+        endpoint = %config.endpoint,
         certificate = %identity.cert.subject,
         certificate_expires = %identity.cert.not_after.rfc3339(),
         key = %config.key,
         roles = config.roles.len(),
         "starting"
     );
-    let upstream = match Upstream::new(&config, identity.client_config) {
-        Ok(u) => Arc::new(u),
-        Err(e) => {
-            eprintln!("iotcred: {e}");
-            return Exit::Config;
-        }
-    };
+    let upstream = Arc::new(Upstream::new(&config, identity.client_config));
     let names: Vec<&str> = config.roles.iter().map(|r| r.name.as_str()).collect();
     let metrics = Arc::new(Metrics::new(&names));
     let clock = Clock::new();
@@ -333,13 +360,11 @@ async fn reload(
             return old;
         }
     };
-    let upstream = match Upstream::new(&new_config, identity.client_config) {
-        Ok(u) => Arc::new(u),
-        Err(e) => {
-            refuse(&e);
-            return old;
-        }
-    };
+    if let Some(e) = chained_not_supported(&new_config) {
+        refuse(&e);
+        return old;
+    }
+    let upstream = Arc::new(Upstream::new(&new_config, identity.client_config));
     if new_config.serve != old.config.serve || new_config.runtime_dir != old.config.runtime_dir {
         tracing::warn!("[serve] and runtime_dir changes take effect at the next restart");
     }

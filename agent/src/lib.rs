@@ -17,6 +17,7 @@ pub mod daemon;
 pub mod exit;
 pub mod keys;
 pub mod metrics;
+pub mod net;
 pub mod refresh;
 pub mod sdnotify;
 pub mod server;

@@ -13,7 +13,8 @@ use std::time::Duration;
 use iotcred_core::{Credentials, ErrorClass};
 use tokio::time::Instant;
 
-use crate::upstream::{RoleRequest, Upstream, UpstreamError};
+use crate::config::ProviderRole;
+use crate::upstream::{Upstream, UpstreamError};
 
 /// A boxed, `Send` future: what [`Source::fetch`] returns (the trait stays object-safe).
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -78,12 +79,12 @@ pub trait Source: Send + Sync + fmt::Debug {
 #[derive(Debug)]
 pub struct ProviderSource {
     upstream: Arc<Upstream>,
-    request: RoleRequest,
+    request: ProviderRole,
 }
 
 impl ProviderSource {
     /// The source of one role on the device's shared upstream.
-    pub fn new(upstream: Arc<Upstream>, request: RoleRequest) -> Self {
+    pub fn new(upstream: Arc<Upstream>, request: ProviderRole) -> Self {
         ProviderSource { upstream, request }
     }
 }

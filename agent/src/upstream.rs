@@ -7,17 +7,17 @@ use std::time::Duration;
 
 use embedded_io_adapters::tokio_1::FromTokio;
 use iotcred_core::exchange::{ExchangeError, parse_response};
-use iotcred_core::{CredentialDuration, ErrorClass, Request, RoleAlias, ThingName, UnixTime};
+use iotcred_core::{ErrorClass, ThingName, UnixTime};
 use iotcred_core::{FetchError, HttpError};
 use rustls::ClientConfig;
-use rustls_pki_types::ServerName;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 
-use crate::config::{Config, Endpoint};
+use crate::config::{Config, Endpoint, ProviderRole};
+use crate::net::Proxy;
 use crate::source::Obtained;
 
 /// Why an exchange failed. `Display` is one line that says what is wrong and what to do; it
@@ -105,105 +105,9 @@ impl UpstreamError {
     }
 }
 
-/// What one role asks for.
-#[derive(Clone, Debug)]
-pub struct RoleRequest {
-    /// Role alias.
-    pub role_alias: RoleAlias,
-    /// Duration header.
-    pub duration: Option<CredentialDuration>,
-}
-
-/// An HTTP CONNECT proxy.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Proxy {
-    /// Proxy host.
-    pub host: String,
-    /// Proxy port.
-    pub port: u16,
-}
-
-impl Proxy {
-    /// Parses `http://host[:port][/]`. Only plain-HTTP CONNECT proxies are supported.
-    pub fn parse(url: &str) -> Result<Proxy, String> {
-        let rest = match url.split_once("://") {
-            Some(("http", rest)) => rest,
-            Some((scheme, _)) => {
-                return Err(format!(
-                    "scheme {scheme:?} is not supported: use an http:// CONNECT proxy"
-                ));
-            }
-            None => url,
-        };
-        let rest = rest.trim_end_matches('/');
-        if rest.contains('@') {
-            return Err("credentials in the proxy URL are not supported".into());
-        }
-        if rest.contains('/') {
-            return Err(format!("{url:?}: give http://host:port"));
-        }
-        let ep = crate::config::parse_endpoint(rest)
-            .map_err(|_| format!("{url:?}: give http://host:port"))?;
-        let port = if rest.ends_with(']') || !rest.contains(':') {
-            3128
-        } else {
-            ep.port
-        };
-        Ok(Proxy {
-            host: ep.host,
-            port,
-        })
-    }
-
-    /// The proxy for `host` from `HTTPS_PROXY`/`https_proxy`, honouring `NO_PROXY`/`no_proxy`.
-    pub fn from_env(host: &str) -> Option<Proxy> {
-        let var = |names: &[&str]| {
-            names
-                .iter()
-                .find_map(|n| std::env::var(n).ok().filter(|v| !v.is_empty()))
-        };
-        let url = var(&["HTTPS_PROXY", "https_proxy"])?;
-        if let Some(no) = var(&["NO_PROXY", "no_proxy"]) {
-            if no_proxy_matches(&no, host) {
-                return None;
-            }
-        }
-        match Proxy::parse(&url) {
-            Ok(p) => Some(p),
-            Err(e) => {
-                tracing::warn!("ignoring HTTPS_PROXY: {e}");
-                None
-            }
-        }
-    }
-}
-
-/// `NO_PROXY` matching: `*`, exact host, or domain suffix (`.example.com` or `example.com`).
-pub fn no_proxy_matches(list: &str, host: &str) -> bool {
-    let host = host.to_ascii_lowercase();
-    list.split(',')
-        .map(|e| e.trim().to_ascii_lowercase())
-        .any(|e| {
-            if e.is_empty() {
-                return false;
-            }
-            if e == "*" {
-                return true;
-            }
-            let e = e
-                .split(':')
-                .next()
-                .unwrap_or("")
-                .trim_start_matches("*.")
-                .trim_start_matches('.');
-            host == e || host.ends_with(&format!(".{e}"))
-        })
-}
-
 /// The upstream: endpoint, TLS configuration, and one idle connection kept for reuse.
 pub struct Upstream {
     endpoint: Endpoint,
-    server_name: ServerName<'static>,
     thing_name: Option<ThingName>,
     connector: TlsConnector,
     proxy: Option<Proxy>,
@@ -212,42 +116,28 @@ pub struct Upstream {
 }
 
 impl Upstream {
-    /// Builds the upstream for `config` with a loaded TLS configuration.
-    pub fn new(config: &Config, client_config: Arc<ClientConfig>) -> Result<Upstream, String> {
-        let server_name = ServerName::try_from(config.endpoint.host.clone()).map_err(|_| {
-            format!(
-                "endpoint host {:?} is not a valid DNS name or IP address",
-                config.endpoint.host
-            )
-        })?;
-        let proxy = match &config.proxy {
-            Some(url) => Some(Proxy::parse(url)?),
-            None => Proxy::from_env(&config.endpoint.host),
-        };
-        Ok(Upstream {
+    /// Builds the upstream for `config` (endpoint and proxy as parsed at load time) with a
+    /// loaded TLS configuration.
+    pub fn new(config: &Config, client_config: Arc<ClientConfig>) -> Upstream {
+        Upstream {
             endpoint: config.endpoint.clone(),
-            server_name,
             thing_name: config.thing_name.clone(),
             connector: TlsConnector::from(client_config),
-            proxy,
+            proxy: config.proxy.clone(),
             timeout: config.timeout,
             idle: Mutex::new(None),
-        })
+        }
     }
 
     fn target(&self) -> String {
-        if self.endpoint.host.contains(':') {
-            format!("[{}]:{}", self.endpoint.host, self.endpoint.port)
-        } else {
-            format!("{}:{}", self.endpoint.host, self.endpoint.port)
-        }
+        self.endpoint.to_string()
     }
 
     /// One exchange: reuse the idle connection if there is one (falling back to a new
     /// connection if it turns out dead before any answer), else connect. After a failure other
     /// than an answer from the provider, no idle connection is kept (the next fetch connects
     /// anew).
-    pub async fn fetch(&self, role: &RoleRequest) -> Result<Obtained, UpstreamError> {
+    pub async fn fetch(&self, role: &ProviderRole) -> Result<Obtained, UpstreamError> {
         let result = self.attempt(role).await;
         if matches!(&result, Err(e) if !matches!(e, UpstreamError::Exchange { .. })) {
             self.reset();
@@ -255,7 +145,7 @@ impl Upstream {
         result
     }
 
-    async fn attempt(&self, role: &RoleRequest) -> Result<Obtained, UpstreamError> {
+    async fn attempt(&self, role: &ProviderRole) -> Result<Obtained, UpstreamError> {
         let start = Instant::now();
         let deadline = start + self.timeout;
         let reused = self.idle.lock().unwrap_or_else(|e| e.into_inner()).take();
@@ -305,21 +195,20 @@ impl Upstream {
 
     async fn connect(&self) -> Result<TlsStream<TcpStream>, UpstreamError> {
         let tcp = match &self.proxy {
-            None => tcp_connect(&self.endpoint.host, self.endpoint.port).await?,
+            None => tcp_connect(self.endpoint.host(), self.endpoint.port()).await?,
             Some(p) => {
-                let mut s =
-                    tcp_connect(&p.host, p.port)
-                        .await
-                        .map_err(|e| UpstreamError::Proxy {
-                            proxy: format!("{}:{}", p.host, p.port),
-                            message: e.to_string(),
-                        })?;
+                let mut s = tcp_connect(p.addr.host(), p.addr.port())
+                    .await
+                    .map_err(|e| UpstreamError::Proxy {
+                        proxy: p.addr.to_string(),
+                        message: e.to_string(),
+                    })?;
                 proxy_connect(&mut s, p, &self.target()).await?;
                 s
             }
         };
         self.connector
-            .connect(self.server_name.clone(), tcp)
+            .connect(self.endpoint.server().server_name().clone(), tcp)
             .await
             .map_err(|e| UpstreamError::Tls(tls_message(&e, &self.target())))
     }
@@ -327,30 +216,19 @@ impl Upstream {
     async fn exchange(
         &self,
         conn: TlsStream<TcpStream>,
-        role: &RoleRequest,
+        role: &ProviderRole,
         deadline: Instant,
         reused: bool,
     ) -> Result<Obtained, ExchangeFailure> {
-        let request = match Request::new(
-            &self.endpoint.host,
-            self.endpoint.port,
-            &role.role_alias,
-            crate::USER_AGENT,
-        ) {
-            Ok(r) => r
-                .with_thing_name(self.thing_name.as_ref())
-                .with_duration(role.duration),
-            Err(e) => {
-                return Err(ExchangeFailure::Error(UpstreamError::Tls(format!(
-                    "invalid request: {e}"
-                ))));
-            }
-        };
         let mut stream = FromTokio::new(conn);
         let wall_now = UnixTime::now();
         let result = tokio::time::timeout_at(
             deadline,
-            iotcred_core::asynch::round_trip(&mut stream, &request, iotcred_core::Limits::DEFAULT),
+            iotcred_core::asynch::round_trip(
+                &mut stream,
+                &role.request,
+                iotcred_core::Limits::DEFAULT,
+            ),
         )
         .await;
         let arrived = Instant::now();
@@ -480,7 +358,7 @@ async fn proxy_connect(
     target: &str,
 ) -> Result<(), UpstreamError> {
     let perr = |message: String| UpstreamError::Proxy {
-        proxy: format!("{}:{}", proxy.host, proxy.port),
+        proxy: proxy.addr.to_string(),
         message,
     };
     let req = format!(
@@ -559,38 +437,5 @@ fn tls_message(e: &io::Error, target: &str) -> String {
         }
         Some(other) => format!("TLS with {target} failed: {other}"),
         None => format!("TLS with {target} failed: {e}"),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn proxy_urls() {
-        assert_eq!(
-            Proxy::parse("http://p.local:3128").unwrap(),
-            Proxy {
-                host: "p.local".into(),
-                port: 3128
-            }
-        );
-        assert_eq!(Proxy::parse("http://p.local/").unwrap().port, 3128);
-        assert_eq!(Proxy::parse("p:8080").unwrap().port, 8080);
-        assert!(Proxy::parse("https://p:1").is_err());
-        assert!(Proxy::parse("http://u:pw@p:1").is_err());
-    }
-
-    #[test]
-    fn no_proxy() {
-        assert!(no_proxy_matches("*", "x.y"));
-        assert!(no_proxy_matches(
-            "a.com, .amazonaws.com",
-            "c2.credentials.iot.eu-west-1.amazonaws.com"
-        ));
-        assert!(no_proxy_matches("amazonaws.com", "x.amazonaws.com"));
-        assert!(no_proxy_matches("localhost,127.0.0.1", "127.0.0.1"));
-        assert!(!no_proxy_matches("amazonaws.com", "notamazonaws.com"));
-        assert!(!no_proxy_matches("", "x"));
     }
 }

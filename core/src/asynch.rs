@@ -9,7 +9,7 @@ use zeroize::Zeroize;
 use crate::blocking::{FetchError, Fetched, READ_BUF, handle_read};
 use crate::exchange::parse_response;
 use crate::http::{Limits, Response, ResponseParser};
-use crate::request::Request;
+use crate::request::{PreparedRequest, Request};
 use crate::time::UnixTime;
 
 /// [`blocking::fetch`](crate::blocking::fetch) over an async stream.
@@ -18,7 +18,7 @@ pub async fn fetch<S: Read + Write>(
     request: &Request<'_>,
     wall_now: UnixTime,
 ) -> Result<Fetched, FetchError<S::Error>> {
-    let response = round_trip(stream, request, Limits::DEFAULT).await?;
+    let response = round_trip(stream, &request.prepare(), Limits::DEFAULT).await?;
     let issued = parse_response(&response, wall_now)?;
     Ok(Fetched {
         issued,
@@ -29,11 +29,10 @@ pub async fn fetch<S: Read + Write>(
 /// [`blocking::round_trip`](crate::blocking::round_trip) over an async stream.
 pub async fn round_trip<S: Read + Write>(
     stream: &mut S,
-    request: &Request<'_>,
+    request: &PreparedRequest,
     limits: Limits,
 ) -> Result<Response, FetchError<S::Error>> {
-    let bytes = request.to_bytes();
-    let mut rest = bytes.as_slice();
+    let mut rest = request.as_bytes();
     while !rest.is_empty() {
         match stream.write(rest).await {
             Ok(0) => return Err(FetchError::WriteZero),

@@ -12,7 +12,7 @@ use zeroize::Zeroize;
 use crate::credentials::Issued;
 use crate::exchange::{ErrorClass, ExchangeError, parse_response};
 use crate::http::{HttpError, Limits, Response, ResponseParser};
-use crate::request::Request;
+use crate::request::{PreparedRequest, Request};
 use crate::time::{Duration, UnixTime};
 
 /// Bytes read from the stream per call (on the stack, zeroized afterwards).
@@ -117,7 +117,7 @@ pub fn fetch<S: Read + Write>(
     request: &Request<'_>,
     wall_now: UnixTime,
 ) -> Result<Fetched, FetchError<S::Error>> {
-    let response = round_trip(stream, request, Limits::DEFAULT)?;
+    let response = round_trip(stream, &request.prepare(), Limits::DEFAULT)?;
     let issued = parse_response(&response, wall_now)?;
     Ok(Fetched {
         issued,
@@ -125,14 +125,14 @@ pub fn fetch<S: Read + Write>(
     })
 }
 
-/// Writes `request` and reads one response, without interpreting its status.
+/// Writes a prepared request ([`Request::prepare`]) and reads one response, without interpreting
+/// its status.
 pub fn round_trip<S: Read + Write>(
     stream: &mut S,
-    request: &Request<'_>,
+    request: &PreparedRequest,
     limits: Limits,
 ) -> Result<Response, FetchError<S::Error>> {
-    let bytes = request.to_bytes();
-    let mut rest = bytes.as_slice();
+    let mut rest = request.as_bytes();
     while !rest.is_empty() {
         match stream.write(rest) {
             Ok(0) => return Err(FetchError::WriteZero),
@@ -328,7 +328,7 @@ pub(crate) mod tests {
         let alias = RoleAlias::new("R").unwrap();
         let req = Request::new("h", 443, &alias, "ua").unwrap();
         let mut conn = Mock::new(b"HTTP/1.0 500 Oops\r\n\r\nbody", 3);
-        let r = round_trip(&mut conn, &req, Limits::DEFAULT).unwrap();
+        let r = round_trip(&mut conn, &req.prepare(), Limits::DEFAULT).unwrap();
         assert_eq!(
             (r.status, &r.body[..], r.keep_alive),
             (500, &b"body"[..], false)

@@ -28,7 +28,9 @@ pub use credentials::{Credentials, Issued};
 pub use exchange::{ErrorClass, ExchangeError, Explained, parse_credentials, parse_response};
 pub use http::{HttpError, Limits, Response, ResponseParser, RetryAfter};
 pub use render::Format;
-pub use request::{CredentialDuration, InvalidRequest, Request, RoleAlias, ThingName};
+pub use request::{
+    CredentialDuration, InvalidRequest, PreparedRequest, Request, RoleAlias, ThingName,
+};
 pub use schedule::{Schedule, ScheduleConfig};
 pub use secret::Secret;
 pub use time::{Duration, Instant, TimeError, UnixTime};

@@ -273,6 +273,14 @@ impl<'a> Request<'a> {
         out.into_bytes()
     }
 
+    /// The request rendered once, owned: keep it (for example per configured role) and send it
+    /// any number of times with [`blocking::round_trip`](crate::blocking::round_trip).
+    pub fn prepare(&self) -> PreparedRequest {
+        PreparedRequest {
+            bytes: self.to_bytes().into_boxed_slice(),
+        }
+    }
+
     /// Writes [`Request::to_bytes`] to `w` and flushes it.
     ///
     /// # Panics
@@ -282,6 +290,29 @@ impl<'a> Request<'a> {
     pub fn write_to<W: embedded_io::Write>(&self, w: &mut W) -> Result<(), W::Error> {
         w.write_all(&self.to_bytes())?;
         w.flush()
+    }
+}
+
+/// A [`Request`] rendered into its exact bytes ([`Request::prepare`]). It can only be made from a
+/// `Request`, so it carries the same guarantees: every value in it was validated.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct PreparedRequest {
+    bytes: alloc::boxed::Box<[u8]>,
+}
+
+impl PreparedRequest {
+    /// The bytes to write.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+}
+
+/// The request text (nothing secret is in it).
+impl fmt::Debug for PreparedRequest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("PreparedRequest")
+            .field(&String::from_utf8_lossy(&self.bytes))
+            .finish()
     }
 }
 
@@ -319,7 +350,9 @@ impl fmt::Display for Request<'_> {
 
 /// A DNS name / IPv4 address (`[A-Za-z0-9._-]`, ≤ 253 bytes, not starting with `-` or `.`), or
 /// an IPv6 literal (hex digits, `:` and `.`), optionally in brackets.
-fn validate_host(host: &str) -> Result<(), InvalidRequest> {
+///
+/// Every [`Request::new`] checks this; callers can check a configured host up front with it.
+pub fn validate_host(host: &str) -> Result<(), InvalidRequest> {
     let bracketed = host.strip_prefix('[').and_then(|h| h.strip_suffix(']'));
     let ok = match bracketed {
         Some(v6) => is_ipv6_text(v6),

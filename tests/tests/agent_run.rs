@@ -222,6 +222,32 @@ fn run_refuses_bad_config_with_exit_2() {
 }
 
 #[test]
+fn check_reports_every_config_mistake_at_once() {
+    let env = Env::new();
+    let k = env.pki.device_ec.key.display().to_string();
+    // Three mistakes, on lines 8, 10 and 13 (the top-level keys take lines 1-7).
+    let cfg = env.config_with(
+        &env.pki.device_ec.cert,
+        &k,
+        "state_dir = \"\"",
+        "[serve]\nlisten = \"0.0.0.0:2773\"\n[[role]]\nname = \"default\"\nrole_alias = \"Bad Alias\"\n",
+    );
+    let out = env.run(&["check", "--config", &cfg.display().to_string()]);
+    assert_eq!(out.code, 2, "{}", out.stderr);
+    let lines: Vec<&str> = out.stderr.lines().collect();
+    assert_eq!(lines.len(), 3, "{}", out.stderr);
+    let at = format!("iotcred: config {} line", cfg.display());
+    for (line, (n, what)) in
+        lines
+            .iter()
+            .zip([(8, "state_dir"), (10, "loopback"), (13, "role_alias")])
+    {
+        assert!(line.starts_with(&format!("{at} {n}: ")), "{line}");
+        assert!(line.contains(what), "{line}");
+    }
+}
+
+#[test]
 fn sighup_reloads_and_keeps_credentials_of_unchanged_roles() {
     let env = Env::new();
     let k = env.pki.device_ec.key.display().to_string();

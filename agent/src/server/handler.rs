@@ -210,7 +210,7 @@ pub(super) fn listener_host(host: &str, local: IpAddr) -> bool {
     if local.is_loopback() {
         return loopback_host(host);
     }
-    if !super::addrs::listen_allowed(local, super::addrs::ListenerKind::Imds) {
+    if !crate::config::Listener::Imds.allows(local) {
         return false;
     }
     if let Some(rest) = host.strip_prefix('[') {

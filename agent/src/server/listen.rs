@@ -14,8 +14,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use tokio::net::{TcpListener, UnixListener};
 use zeroize::Zeroizing;
 
-use super::addrs::{ListenerKind, is_link_local_listen, listen_allowed};
 use super::{Listeners, ServeConfig, ServeError, Token};
+use crate::config::Listener;
 use crate::state::RoleHandle;
 
 /// Listening sockets handed over by systemd (`LISTEN_PID`/`LISTEN_FDS`/`LISTEN_FDNAMES`).
@@ -177,7 +177,8 @@ pub(super) async fn bind_with(
         if let Some(addr) = cfg.listen {
             tcp = Some(TcpListener::bind(addr).await.map_err(|source| {
                 if source.kind() == io::ErrorKind::AddrNotAvailable
-                    && is_link_local_listen(addr.ip(), ListenerKind::Credentials)
+                    && !addr.ip().is_loopback()
+                    && Listener::Credentials.allows(addr.ip())
                 {
                     ServeError::AddressMissing(addr)
                 } else if source.kind() == io::ErrorKind::PermissionDenied && addr.port() < 1024 {
@@ -203,7 +204,7 @@ pub(super) async fn bind_with(
 /// Refuses (again, after the configuration did) any address but loopback and the link-local
 /// addresses of §4.5; also applied to a TCP socket passed by systemd.
 fn check_listen(addr: SocketAddr) -> Result<(), ServeError> {
-    if listen_allowed(addr.ip(), ListenerKind::Credentials) {
+    if Listener::Credentials.allows(addr.ip()) {
         Ok(())
     } else {
         Err(ServeError::NotLoopback(addr))

@@ -10,7 +10,6 @@
 //! (hyper starts that timer whenever the connection waits for a request head, so it also closes
 //! idle keep-alive connections).
 
-mod addrs;
 mod handler;
 mod listen;
 
@@ -26,7 +25,6 @@ use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::{Semaphore, mpsc, watch};
 use zeroize::Zeroizing;
 
-pub use addrs::{ListenerKind, is_link_local_listen, listen_allowed};
 pub use listen::{Activation, TOKEN_DIRS, parse_listen_env};
 
 use crate::metrics::Metrics;
