@@ -1,9 +1,11 @@
 //! The few facts the agent reads from an X.509 certificate — subject, validity and the
-//! SubjectPublicKeyInfo — with a small DER reader (definite lengths only, no allocation but the
-//! subject text). rustls/webpki do the real verification; this only serves start-up checks and
-//! messages, and keeps a full X.509 parser out of the binary.
+//! SubjectPublicKeyInfo — with the crate's DER reader (`der.rs`). rustls/webpki do the
+//! real verification; this only serves start-up checks and messages, and keeps a full X.509
+//! parser out of the binary.
 
 use iotcred_core::UnixTime;
+
+use crate::der::{self, DerError, SEQUENCE, Tlv, expect, read};
 
 /// What `check` and the start-up checks need from the leaf certificate.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -20,75 +22,32 @@ pub struct LeafInfo {
     pub spki: Vec<u8>,
 }
 
-/// One DER element: tag, contents, and the whole encoding.
-struct Tlv<'a> {
-    tag: u8,
-    contents: &'a [u8],
-    raw: &'a [u8],
-}
-
-/// Reads one element from the front of `input`; returns it and the rest.
-fn read(input: &[u8]) -> Result<(Tlv<'_>, &[u8]), &'static str> {
-    let (&tag, rest) = input.split_first().ok_or("truncated")?;
-    if tag & 0x1f == 0x1f {
-        return Err("multi-byte tags are not used in certificates");
-    }
-    let (&first, rest) = rest.split_first().ok_or("truncated")?;
-    let (len, rest) = if first < 0x80 {
-        (usize::from(first), rest)
-    } else {
-        let n = usize::from(first & 0x7f);
-        if n == 0 || n > 4 || rest.len() < n {
-            return Err("bad length");
-        }
-        let len = rest[..n]
-            .iter()
-            .fold(0usize, |acc, &b| (acc << 8) | usize::from(b));
-        (len, &rest[n..])
-    };
-    if rest.len() < len {
-        return Err("truncated");
-    }
-    let header = input.len() - rest.len();
-    Ok((
-        Tlv {
-            tag,
-            contents: &rest[..len],
-            raw: &input[..header + len],
-        },
-        &rest[len..],
-    ))
-}
-
-fn expect(input: &[u8], tag: u8) -> Result<(Tlv<'_>, &[u8]), &'static str> {
-    let (t, rest) = read(input)?;
-    if t.tag != tag {
-        return Err("unexpected element");
-    }
-    Ok((t, rest))
-}
-
-const SEQUENCE: u8 = 0x30;
-const SET: u8 = 0x31;
-const OID: u8 = 0x06;
 const UTC_TIME: u8 = 0x17;
 const GENERALIZED_TIME: u8 = 0x18;
+/// `[0] EXPLICIT Version` of a TBSCertificate.
+const VERSION: u8 = 0xa0;
 
-/// Parses the leaf certificate's subject, validity and public key.
-pub fn parse_leaf(der: &[u8]) -> Result<LeafInfo, String> {
-    parse(der).map_err(|e| format!("cannot parse the certificate ({e})"))
+/// Why a certificate cannot be read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum LeafError {
+    /// The DER structure is broken.
+    #[error("cannot parse the certificate ({0})")]
+    Der(#[from] DerError),
+    /// A validity time is not the `YYMMDDHHMMSSZ` / `YYYYMMDDHHMMSSZ` RFC 5280 requires.
+    #[error("cannot parse the certificate (bad validity time)")]
+    Time,
 }
 
-fn parse(der: &[u8]) -> Result<LeafInfo, &'static str> {
+/// Parses the leaf certificate's subject, validity and public key.
+pub fn parse_leaf(der: &[u8]) -> Result<LeafInfo, LeafError> {
     let (cert, _) = expect(der, SEQUENCE)?;
     let (tbs, _) = expect(cert.contents, SEQUENCE)?;
     let mut rest = tbs.contents;
-    // [0] EXPLICIT version, optional.
     let (first, after) = read(rest)?;
-    if first.tag == 0xa0 {
+    if first.tag == VERSION {
         rest = after;
     }
-    let (_serial, r) = expect(rest, 0x02)?;
+    let (_serial, r) = expect(rest, der::INTEGER)?;
     let (_sig_alg, r) = expect(r, SEQUENCE)?;
     let (_issuer, r) = expect(r, SEQUENCE)?;
     let (validity, r) = expect(r, SEQUENCE)?;
@@ -107,20 +66,25 @@ fn parse(der: &[u8]) -> Result<LeafInfo, &'static str> {
 }
 
 /// `Time ::= UTCTime | GeneralizedTime`, both `…Z` in certificates (RFC 5280 §4.1.2.5).
-fn time(t: &Tlv<'_>) -> Result<UnixTime, &'static str> {
-    let s = core::str::from_utf8(t.contents).map_err(|_| "bad time")?;
-    let (year, rest) = match t.tag {
-        UTC_TIME if s.len() == 13 => {
-            let yy: i32 = s[..2].parse().map_err(|_| "bad time")?;
-            // RFC 5280: YY ≥ 50 is 19YY, otherwise 20YY.
-            (if yy >= 50 { 1900 + yy } else { 2000 + yy }, &s[2..])
-        }
-        GENERALIZED_TIME if s.len() == 15 => (s[..4].parse().map_err(|_| "bad time")?, &s[4..]),
-        _ => return Err("bad time"),
+fn time(t: &Tlv<'_>) -> Result<UnixTime, LeafError> {
+    let Some((&b'Z', digits)) = t.contents.split_last() else {
+        return Err(LeafError::Time);
     };
-    if !rest.ends_with('Z') || !rest[..rest.len() - 1].bytes().all(|b| b.is_ascii_digit()) {
-        return Err("bad time");
+    // All ASCII digits, so the text below slices on character boundaries.
+    let digits = core::str::from_utf8(digits).map_err(|_| LeafError::Time)?;
+    if !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(LeafError::Time);
     }
+    let number = |s: &str| s.parse::<u32>().map_err(|_| LeafError::Time);
+    let (year, rest) = match (t.tag, digits.len()) {
+        (UTC_TIME, 12) => {
+            let yy = number(&digits[..2])?;
+            // RFC 5280: YY ≥ 50 is 19YY, otherwise 20YY.
+            (if yy >= 50 { 1900 + yy } else { 2000 + yy }, &digits[2..])
+        }
+        (GENERALIZED_TIME, 14) => (number(&digits[..4])?, &digits[4..]),
+        _ => return Err(LeafError::Time),
+    };
     let text = format!(
         "{year:04}-{}-{}T{}:{}:{}Z",
         &rest[0..2],
@@ -129,71 +93,35 @@ fn time(t: &Tlv<'_>) -> Result<UnixTime, &'static str> {
         &rest[6..8],
         &rest[8..10]
     );
-    UnixTime::parse_rfc3339(&text).map_err(|_| "bad time")
+    UnixTime::parse_rfc3339(&text).map_err(|_| LeafError::Time)
 }
 
 /// `Name ::= SEQUENCE OF SET OF AttributeTypeAndValue` → (`CN=…, O=…`, first CN).
-fn name(mut rdns: &[u8]) -> Result<(String, Option<String>), &'static str> {
+fn name(mut rdns: &[u8]) -> Result<(String, Option<String>), DerError> {
     let mut parts = Vec::new();
     let mut cn = None;
     while !rdns.is_empty() {
-        let (set, r) = expect(rdns, SET)?;
+        let (set, r) = expect(rdns, der::SET)?;
         rdns = r;
         let mut atvs = set.contents;
         while !atvs.is_empty() {
             let (atv, r) = expect(atvs, SEQUENCE)?;
             atvs = r;
-            let (oid, r) = expect(atv.contents, OID)?;
+            let (oid, r) = expect(atv.contents, der::OID)?;
             let (value, _) = read(r)?;
             let text = String::from_utf8_lossy(value.contents).into_owned();
-            let label = match oid.contents {
-                [0x55, 0x04, 0x03] => "CN",
-                [0x55, 0x04, 0x06] => "C",
-                [0x55, 0x04, 0x07] => "L",
-                [0x55, 0x04, 0x08] => "ST",
-                [0x55, 0x04, 0x0a] => "O",
-                [0x55, 0x04, 0x0b] => "OU",
-                [0x55, 0x04, 0x05] => "serialNumber",
-                _ => "",
-            };
-            if label == "CN" && cn.is_none() {
+            let label = der::NAME_ATTRIBUTES
+                .iter()
+                .find(|(o, _)| *o == oid.raw)
+                .map(|(_, short)| *short);
+            if label == Some("CN") && cn.is_none() {
                 cn = Some(text.clone());
             }
-            let label = if label.is_empty() {
-                dotted(oid.contents)
-            } else {
-                label.to_string()
-            };
+            let label = label.map_or_else(|| der::dotted_oid(oid.contents), str::to_owned);
             parts.push(format!("{label}={text}"));
         }
     }
     Ok((parts.join(", "), cn))
-}
-
-/// Dotted form of an OID's contents.
-fn dotted(oid: &[u8]) -> String {
-    let mut arcs = Vec::new();
-    let mut acc: u64 = 0;
-    for (i, &b) in oid.iter().enumerate() {
-        acc = (acc << 7) | u64::from(b & 0x7f);
-        if b & 0x80 == 0 {
-            if arcs.is_empty() {
-                let (a, b) = if acc < 80 {
-                    (acc / 40, acc % 40)
-                } else {
-                    (2, acc - 80)
-                };
-                arcs.push(a.to_string());
-                arcs.push(b.to_string());
-            } else {
-                arcs.push(acc.to_string());
-            }
-            acc = 0;
-        } else if i == oid.len() - 1 {
-            arcs.push("?".into());
-        }
-    }
-    arcs.join(".")
 }
 
 #[cfg(test)]
@@ -239,6 +167,32 @@ mod tests {
     }
 
     #[test]
+    fn times_with_non_ascii_are_refused() {
+        // 13 bytes of UTCTime whose 2nd character is multi-byte: no slicing inside it.
+        for contents in [
+            "aé34567890Z".as_bytes(),
+            "2é345678901Z".as_bytes(),
+            b"991231235959z",
+        ] {
+            let t = Tlv {
+                tag: UTC_TIME,
+                contents,
+                raw: &[],
+            };
+            assert_eq!(time(&t), Err(LeafError::Time), "{contents:?}");
+        }
+        let ok = Tlv {
+            tag: UTC_TIME,
+            contents: b"491231235959Z",
+            raw: &[],
+        };
+        assert_eq!(
+            time(&ok),
+            UnixTime::parse_rfc3339("2049-12-31T23:59:59Z").map_err(|_| LeafError::Time)
+        );
+    }
+
+    #[test]
     fn garbage_is_an_error_not_a_panic() {
         let c = cert("2026-01-02T03:04:05Z", "2027-01-02T03:04:05Z", "x");
         let der = c.cert.der().to_vec();
@@ -253,14 +207,5 @@ mod tests {
             let _ = parse_leaf(&flipped);
             flipped[i] ^= 0xff;
         }
-    }
-
-    #[test]
-    fn dotted_oids() {
-        assert_eq!(
-            dotted(&[0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x09, 0x01]),
-            "1.2.840.113549.1.9.1"
-        );
-        assert_eq!(dotted(&[0x55, 0x04, 0x03]), "2.5.4.3");
     }
 }

@@ -14,10 +14,12 @@ pub mod client;
 pub mod commands;
 pub mod config;
 pub mod daemon;
+mod der;
 pub mod exit;
 pub mod keys;
 pub mod metrics;
 pub mod net;
+pub mod peer;
 pub mod refresh;
 pub mod sdnotify;
 pub mod server;
@@ -26,6 +28,17 @@ pub mod source;
 pub mod state;
 pub mod tls;
 pub mod upstream;
+
+/// What the cargo-fuzz targets in `fuzz/` reach beyond the public modules: the crate's DER
+/// reader. Only with the `fuzzing` feature; not an API.
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing {
+    pub use crate::der::{
+        DerError, EcCurve, SpkiKey, Tlv, ecdsa_raw_to_der, expect, parse_spki, pkcs8_rsa_bits,
+        read, rsa_private_key_bits, tlv, unwrap_ec_point,
+    };
+}
 
 /// `User-Agent` sent upstream.
 pub const USER_AGENT: &str = concat!("iotcred/", env!("CARGO_PKG_VERSION"));

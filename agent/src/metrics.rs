@@ -46,10 +46,18 @@ pub enum Route {
     Metrics,
     /// Anything else (404, or refused before routing).
     Other,
+    /// Any request on the IMDS listener (SPEC §4.4).
+    Imds,
 }
 
 impl Route {
-    const ALL: [Route; 4] = [Self::Credentials, Self::Health, Self::Metrics, Self::Other];
+    const ALL: [Route; 5] = [
+        Self::Credentials,
+        Self::Health,
+        Self::Metrics,
+        Self::Other,
+        Self::Imds,
+    ];
 
     fn label(self) -> &'static str {
         match self {
@@ -57,6 +65,7 @@ impl Route {
             Self::Health => "health",
             Self::Metrics => "metrics",
             Self::Other => "other",
+            Self::Imds => "imds",
         }
     }
 }

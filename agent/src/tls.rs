@@ -114,7 +114,7 @@ pub fn inspect_leaf(
         message,
     };
     let leaf = chain.first().ok_or_else(|| err("empty chain".into()))?;
-    let leaf = crate::cert::parse_leaf(leaf.as_ref()).map_err(err)?;
+    let leaf = crate::cert::parse_leaf(leaf.as_ref()).map_err(|e| err(e.to_string()))?;
     let info = CertInfo {
         subject_cn: leaf.subject_cn,
         subject: leaf.subject,

@@ -16,7 +16,9 @@
 #   refreshes); nginx serving the same JSON; then
 #   1 cold exchange   hyperfine: iotcred fetch (file key, SoftHSM key), curl, BRS, awscrt
 #   2 warm refresh    one exchange inside a running process, each tool's own way
-#   3 local serving   loadgen (ours, TCP + Unix socket) and wrk (TCP) against iotcred and nginx
+#   3 local serving   loadgen (ours, TCP + Unix socket) and wrk (TCP) against iotcred and nginx;
+#                     the IMDS credential GET (SPEC 4.4) against nginx serving the same body;
+#                     the cost of the 4.6 peer uid lookup per connection (examples/peer_uid_cost)
 #   4 footprint       /proc/PID/status RSS idle and after 1,000,000 requests, idle wakeups over
 #                     60 s, stripped binary sizes (x86_64, aarch64 via cross/build.sh, also --min-size)
 #   5 fleet           cargo run -p iotcred-core --release --example fleet -- 42
@@ -84,12 +86,13 @@ put() { echo "$*" >> "$RES"; }   # put KEY VALUE...
 # ---------------------------------------------------------------- build
 TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
 log "cargo build --release (iotcred, fake-provider, loadgen)"
-(cd "$ROOT" && cargo build --release --locked -p iotcred-agent -p iotcred-tests --bins) >&2
+(cd "$ROOT" && cargo build --release --locked -p iotcred-agent -p iotcred-tests --bins \
+  --example peer_uid_cost) >&2
 BIN=$TARGET_DIR/release
 for b in iotcred fake-provider loadgen; do [ -x "$BIN/$b" ] || die "$BIN/$b was not built"; done
 # Copies, so that a concurrent build cannot swap a binary in the middle of the run.
 mkdir -p "$WORK/bin"
-cp "$BIN/iotcred" "$BIN/fake-provider" "$BIN/loadgen" "$WORK/bin/"
+cp "$BIN/iotcred" "$BIN/fake-provider" "$BIN/loadgen" "$BIN/examples/peer_uid_cost" "$WORK/bin/"
 BIN=$WORK/bin
 IOTCRED=$BIN/iotcred
 # The --min-size build (nightly build-std) of the same agent, for its idle footprint.
@@ -187,6 +190,8 @@ write_config "$C/fetch-file.toml" "$MAIN_PORT" "$PKI/device.key" "$WORK/run-fetc
 write_config "$C/fetch-hsm.toml" "$MAIN_PORT" "$HSM_URI" "$WORK/run-fetch"
 A_PORT=$(free_port); B_PORT=$(free_port); T_PORT=$(free_port)
 write_config "$C/agent-file.toml" "$MAIN_PORT" "$PKI/device.key" "$WORK/run-a" "$A_PORT"
+IMDS_PORT=$(free_port)
+printf '[serve.imds]\nlisten = "127.0.0.1:%s"\nrole = "default"\n' "$IMDS_PORT" >> "$C/agent-file.toml"
 write_config "$C/agent-hsm.toml" "$MAIN_PORT" "$HSM_URI" "$WORK/run-b" "$B_PORT"
 write_config "$C/agent-ttl.toml" "$TTL_PORT" "$PKI/device.key" "$WORK/run-t" "$T_PORT" "$PKI/ca.pem" 0
 
@@ -369,9 +374,16 @@ log "3/5 local serving: $CONNS keep-alive connections, ${SERVE_S} s, $SERVE_REPS
 TOKEN=$(cat "$WORK/run-a/default.token")
 curl -s -H "Authorization: $TOKEN" "http://127.0.0.1:$A_PORT/v1/credentials" > "$WORK/credentials.json"
 grep -q AccessKeyId "$WORK/credentials.json" || die "agent did not serve credentials"
+# IMDS (SPEC 4.4): a session token, then the credentials body nginx will serve too.
+IMDS_PATH=/latest/meta-data/iam/security-credentials/default
+IMDS_TOKEN=$(curl -s -X PUT -H 'X-aws-ec2-metadata-token-ttl-seconds: 21600' \
+  "http://127.0.0.1:$IMDS_PORT/latest/api/token")
+curl -s -H "X-aws-ec2-metadata-token: $IMDS_TOKEN" "http://127.0.0.1:$IMDS_PORT$IMDS_PATH" > "$WORK/imds.json"
+grep -q '"Code":"Success"' "$WORK/imds.json" || die "agent did not serve IMDS credentials"
 NGINX_PORT=$(free_port)
-mkdir -p "$WORK/nginx/html/v1" "$WORK/nginx/logs"
+mkdir -p "$WORK/nginx/html/v1" "$WORK/nginx/logs" "$WORK/nginx/html${IMDS_PATH%/*}"
 cp "$WORK/credentials.json" "$WORK/nginx/html/v1/credentials"
+cp "$WORK/imds.json" "$WORK/nginx/html$IMDS_PATH"
 # Same answer as the agent (body, Content-Type, Cache-Control: no-store), the same token check,
 # as many workers as the agent has runtime worker threads (2), no access log (the agent has none).
 cat > "$WORK/nginx/nginx.conf" <<NGINX
@@ -393,6 +405,11 @@ http {
       default_type application/json;
       add_header Cache-Control no-store;
     }
+    location = $IMDS_PATH {
+      if (\$http_x_aws_ec2_metadata_token != "$IMDS_TOKEN") { return 401; }
+      default_type application/json;
+      add_header Cache-Control no-store;
+    }
   }
 }
 NGINX
@@ -410,7 +427,7 @@ loadgen() { # SUBJECT TRANSPORT ARGS...
   local subject=$1 transport=$2; shift 2
   local line
   line=$("$BIN/loadgen" "$@" --threads 2 --connections "$CONNS" --duration "$SERVE_S" --warmup 1 \
-    --path /v1/credentials --header "Authorization: $TOKEN")
+    --path "${LG_PATH:-/v1/credentials}" --header "${LG_HEADER:-Authorization: $TOKEN}")
   echo "  loadgen $subject $transport: $line" >&2
   for kv in $line; do put "serve_${subject}_${transport}_${kv%%=*} ${kv#*=}"; done
 }
@@ -434,6 +451,20 @@ for _ in $(seq 1 "$SERVE_REPS"); do
   loadgen nginx unix --unix "$WORK/nginx/nginx.sock" --host localhost
   wrk_run iotcred "$A_PORT"
   wrk_run nginx "$NGINX_PORT"
+  LG_PATH=$IMDS_PATH LG_HEADER="X-aws-ec2-metadata-token: $IMDS_TOKEN" \
+    loadgen iotcred imds --tcp "127.0.0.1:$IMDS_PORT" --host "127.0.0.1:$IMDS_PORT"
+  LG_PATH=$IMDS_PATH LG_HEADER="X-aws-ec2-metadata-token: $IMDS_TOKEN" \
+    loadgen nginx imds --tcp "127.0.0.1:$NGINX_PORT" --host "127.0.0.1:$NGINX_PORT"
+done
+# The 4.6 peer uid lookup (NETLINK_SOCK_DIAG), once per connection: its cost beside connect+accept.
+for fam in 127.0.0.1 ::1; do
+  key=$([ "$fam" = ::1 ] && echo v6 || echo v4)
+  "$BIN/peer_uid_cost" "$([ "$QUICK" = 1 ] && echo 5000 || echo 20000)" "$fam" > "$WORK/uid-$key.txt" 2>&1 || continue
+  sed -n 's/^connect+accept .*p50_us=\([0-9.]*\) p99_us=\([0-9.]*\).*/\1 \2/p' "$WORK/uid-$key.txt" |
+    { read -r a b && put "uid_connect_${key}_p50_us $a" && put "uid_connect_${key}_p99_us $b"; } || true
+  sed -n 's/^uid lookup .*p50_us=\([0-9.]*\) p99_us=\([0-9.]*\).*/\1 \2/p' "$WORK/uid-$key.txt" |
+    { read -r a b && put "uid_lookup_${key}_p50_us $a" && put "uid_lookup_${key}_p99_us $b"; } || true
+  echo "  uid lookup $key: $(tr '\n' ' ' < "$WORK/uid-$key.txt")" >&2
 done
 for w in $(pgrep -P "$NGINX_PID"); do
   put "nginx_worker_rss $(status_kib "$w" VmRSS)"

@@ -162,6 +162,22 @@ wp = wi[2] / wn[2] if wi[2] and wn[2] else None
 row(S3, "iotcred, loopback TCP (wrk -t2, cross-check)", fmt_serve(*wi),
     f"{wr:.3g}× nginx req/s; p99 {wp:.3g}× nginx" if wr and wp else "n/a")
 row(S3, "nginx, loopback TCP (wrk -t2, cross-check)", fmt_serve(*wn), "1 (reference)")
+ii = serve("iotcred", "imds")
+ni = serve("nginx", "imds")
+ir_ = ii[0] / ni[0] if ii[0] and ni[0] else None
+ip_ = ii[2] / ni[2] if ii[2] and ni[2] else None
+row(S3, "iotcred IMDS credential GET, loopback TCP (loadgen)", fmt_serve(*ii),
+    f"{ir_:.3g}× nginx req/s; p99 {ip_:.3g}× nginx" if ir_ and ip_ else "n/a",
+    "≥ 1.0× req/s; p99 ≤ 1.0×",
+    f"{verdict(ir_, 1.0, False)} / {verdict(ip_, 1.0)}")
+row(S3, "nginx static file, same IMDS path and body, token header checked (loadgen)",
+    fmt_serve(*ni), "1 (reference)")
+for fam, label in (("v4", "127.0.0.1"), ("v6", "::1")):
+    lp50, lp99 = num(f"uid_lookup_{fam}_p50_us"), num(f"uid_lookup_{fam}_p99_us")
+    cp50, cp99 = num(f"uid_connect_{fam}_p50_us"), num(f"uid_connect_{fam}_p99_us")
+    row(S3, f"peer uid lookup (NETLINK_SOCK_DIAG, once per connection), {label}",
+        "n/a" if lp50 is None else f"p50 {lp50:.1f} µs, p99 {lp99:.1f} µs",
+        "n/a" if cp50 is None else f"connect+accept alone: p50 {cp50:.1f} µs, p99 {cp99:.1f} µs")
 
 # ---- 4 footprint
 S4 = "4 footprint"

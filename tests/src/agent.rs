@@ -21,13 +21,17 @@ use crate::provider::{BlockingProvider, ProviderConfig};
 /// Path of the `iotcred` binary, built on first use with the same profile as the tests.
 pub fn iotcred_bin() -> PathBuf {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| cargo_build(&["-p", "iotcred-agent", "--bin", "iotcred"], "iotcred"))
-        .clone()
+    BIN.get_or_init(|| cargo_build("iotcred")).clone()
 }
 
-/// Runs `cargo build --quiet <args>` for this workspace with the tests' profile and returns
+/// Builds this workspace with the tests' profile and returns
 /// `target/<profile>/<artifact>`, which it must have produced.
-pub(crate) fn cargo_build(args: &[&str], artifact: &str) -> PathBuf {
+///
+/// The build is the same as the test runner's own (`--workspace --all-features --all-targets`),
+/// so it finds everything up to date: building one package alone would resolve features
+/// differently (dev-dependencies' features are only unified when test targets are built),
+/// rebuild rustls, tokio and the agent, and the next test build would rebuild them back.
+pub(crate) fn cargo_build(artifact: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("current_exe");
     // target/<profile>/deps/<test> → target/<profile>
     let profile_dir = exe
@@ -39,15 +43,20 @@ pub(crate) fn cargo_build(args: &[&str], artifact: &str) -> PathBuf {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml");
     let mut cmd = Command::new(cargo);
-    cmd.args(["build", "--quiet"])
-        .args(args)
-        .arg("--manifest-path")
-        .arg(&manifest);
+    cmd.args([
+        "build",
+        "--quiet",
+        "--workspace",
+        "--all-features",
+        "--all-targets",
+    ])
+    .arg("--manifest-path")
+    .arg(&manifest);
     if profile_dir.file_name().is_some_and(|n| n == "release") {
         cmd.arg("--release");
     }
     let status = cmd.status().expect("running cargo build");
-    assert!(status.success(), "cargo build {args:?} failed");
+    assert!(status.success(), "cargo build for {artifact} failed");
     assert!(out.exists(), "{} missing after build", out.display());
     out
 }

@@ -5,8 +5,11 @@
 //! it [`Unplug::env`] (besides SoftHSM's own `SOFTHSM2_CONF`). [`Unplug::unplug`] makes every
 //! token of the module disappear (sessions closed, login lost, `CKR_TOKEN_NOT_PRESENT` /
 //! `CKR_DEVICE_REMOVED`), [`Unplug::replug`] brings them back; [`Unplug::calls`] reads the
-//! module's log of intercepted calls.
+//! module's log of intercepted calls. [`Unplug::hold_signatures`] makes it a slow token: every
+//! `C_Sign` waits (logged as `C_Sign(gated)`) until [`SignGate::release`] or the gate is dropped.
 
+use std::io::Write as _;
+use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
@@ -16,12 +19,7 @@ use crate::softhsm::{FixtureError, SOFTHSM_MODULE, require_file};
 pub fn module_path() -> PathBuf {
     static MODULE: OnceLock<PathBuf> = OnceLock::new();
     MODULE
-        .get_or_init(|| {
-            crate::agent::cargo_build(
-                &["-p", "iotcred-p11-unplug", "--lib"],
-                "libiotcred_p11_unplug.so",
-            )
-        })
+        .get_or_init(|| crate::agent::cargo_build("libiotcred_p11_unplug.so"))
         .clone()
 }
 
@@ -42,6 +40,7 @@ pub struct Unplug {
     module: PathBuf,
     control: PathBuf,
     log: PathBuf,
+    sign_gate: PathBuf,
 }
 
 impl Unplug {
@@ -53,6 +52,7 @@ impl Unplug {
             module: module_path(),
             control: dir.join("p11-unplugged"),
             log: dir.join("p11-calls.log"),
+            sign_gate: dir.join("p11-sign-gate"),
         })
     }
 
@@ -76,7 +76,33 @@ impl Unplug {
                 "IOTCRED_P11_UNPLUG_LOG".to_owned(),
                 self.log.display().to_string(),
             ),
+            (
+                "IOTCRED_P11_UNPLUG_SIGN_GATE".to_owned(),
+                self.sign_gate.display().to_string(),
+            ),
         ]
+    }
+
+    /// Closes the `C_Sign` gate: from now on every signature waits in the module until the
+    /// returned gate is released (or dropped, so a failing test never leaves the agent stuck).
+    pub fn hold_signatures(&self) -> SignGate {
+        let path = std::ffi::CString::new(self.sign_gate.as_os_str().as_encoded_bytes())
+            .expect("gate path without NUL");
+        // SAFETY: `path` is a NUL-terminated string that outlives the call.
+        let rc = unsafe { libc::mkfifo(path.as_ptr(), 0o600) };
+        assert_eq!(rc, 0, "mkfifo {}", self.sign_gate.display());
+        SignGate {
+            path: self.sign_gate.clone(),
+            released: false,
+        }
+    }
+
+    /// How many `C_Sign` calls have reached the closed gate so far.
+    pub fn signatures_held(&self) -> usize {
+        self.calls()
+            .iter()
+            .filter(|c| c.function == "C_Sign(gated)")
+            .count()
     }
 
     /// Unplugs the token: the module's next call notices.
@@ -105,5 +131,42 @@ impl Unplug {
                 })
             })
             .collect()
+    }
+}
+
+/// A closed `C_Sign` gate (see [`Unplug::hold_signatures`]).
+#[derive(Debug)]
+pub struct SignGate {
+    path: PathBuf,
+    released: bool,
+}
+
+impl SignGate {
+    /// Lets every waiting and later signature through: the FIFO is renamed away (later
+    /// `C_Sign` calls find no gate) and a byte written to it wakes those waiting on it.
+    pub fn release(&mut self) {
+        if self.released {
+            return;
+        }
+        self.released = true;
+        let open = self.path.with_extension("open");
+        if std::fs::rename(&self.path, &open).is_err() {
+            return;
+        }
+        // Non-blocking: with nobody waiting there is no reader, and nothing to wake.
+        if let Ok(mut w) = std::fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(&open)
+        {
+            let _ = w.write_all(b"go");
+        }
+        let _ = std::fs::remove_file(&open);
+    }
+}
+
+impl Drop for SignGate {
+    fn drop(&mut self) {
+        self.release();
     }
 }

@@ -15,8 +15,10 @@
 //! The signature comes from a callback (the token, or ring for a file key) and is checked
 //! against the request's own public key before the request is handed out.
 
+use rustls_pki_types::alg_id;
+
 use super::KeyError;
-use super::der;
+use crate::der::{self, EcCurve, SpkiKey};
 
 /// The attribute types a subject may carry.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -49,16 +51,21 @@ impl AttrType {
         })
     }
 
+    /// The short name, as in `CN=…`.
+    fn short_name(self) -> &'static str {
+        match self {
+            AttrType::CommonName => "CN",
+            AttrType::Organization => "O",
+            AttrType::OrganizationalUnit => "OU",
+            AttrType::Country => "C",
+            AttrType::StateOrProvince => "ST",
+            AttrType::Locality => "L",
+        }
+    }
+
     /// The OID, with tag and length.
     fn oid(self) -> &'static [u8] {
-        match self {
-            AttrType::CommonName => der::OID_COMMON_NAME,
-            AttrType::Organization => der::OID_ORGANIZATION_NAME,
-            AttrType::OrganizationalUnit => der::OID_ORGANIZATIONAL_UNIT_NAME,
-            AttrType::Country => der::OID_COUNTRY_NAME,
-            AttrType::StateOrProvince => der::OID_STATE_OR_PROVINCE_NAME,
-            AttrType::Locality => der::OID_LOCALITY_NAME,
-        }
+        der::name_attribute_oid(self.short_name()).unwrap_or_default()
     }
 
     /// Checks that `value` can be encoded for this type; the error says why not.
@@ -80,8 +87,8 @@ impl AttrType {
     /// The directory string type: PrintableString for C, UTF8String for the others.
     fn string_tag(self) -> u8 {
         match self {
-            AttrType::Country => der::TAG_PRINTABLE_STRING,
-            _ => der::TAG_UTF8_STRING,
+            AttrType::Country => der::PRINTABLE_STRING,
+            _ => der::UTF8_STRING,
         }
     }
 }
@@ -139,12 +146,12 @@ pub(crate) enum SignatureAlg {
 
 impl SignatureAlg {
     /// The AlgorithmIdentifier DER.
-    fn identifier(self) -> &'static [u8] {
-        match self {
-            SignatureAlg::EcdsaP256Sha256 => der::ALG_ECDSA_SHA256,
-            SignatureAlg::EcdsaP384Sha384 => der::ALG_ECDSA_SHA384,
-            SignatureAlg::RsaPkcs1Sha256 => der::ALG_RSA_PKCS1_SHA256,
-        }
+    fn identifier(self) -> Vec<u8> {
+        der::algorithm_identifier(&match self {
+            SignatureAlg::EcdsaP256Sha256 => alg_id::ECDSA_SHA256,
+            SignatureAlg::EcdsaP384Sha384 => alg_id::ECDSA_SHA384,
+            SignatureAlg::RsaPkcs1Sha256 => alg_id::RSA_PKCS1_SHA256,
+        })
     }
 
     /// Whether `signature` over `message` verifies with the key in `spki`.
@@ -154,19 +161,19 @@ impl SignatureAlg {
         let (alg, key): (&dyn VerificationAlgorithm, &[u8]) = match (self, der::parse_spki(spki)) {
             (
                 SignatureAlg::EcdsaP256Sha256,
-                Some(der::SpkiKey::Ec {
-                    curve_oid: der::OID_P256,
+                Ok(SpkiKey::Ec {
+                    curve: EcCurve::P256,
                     point,
                 }),
             ) => (&sig::ECDSA_P256_SHA256_ASN1, point),
             (
                 SignatureAlg::EcdsaP384Sha384,
-                Some(der::SpkiKey::Ec {
-                    curve_oid: der::OID_P384,
+                Ok(SpkiKey::Ec {
+                    curve: EcCurve::P384,
                     point,
                 }),
             ) => (&sig::ECDSA_P384_SHA384_ASN1, point),
-            (SignatureAlg::RsaPkcs1Sha256, Some(der::SpkiKey::Rsa { public_key, .. })) => {
+            (SignatureAlg::RsaPkcs1Sha256, Ok(SpkiKey::Rsa { public_key, .. })) => {
                 (&sig::RSA_PKCS1_2048_8192_SHA256, public_key)
             }
             _ => return false,
@@ -201,7 +208,7 @@ pub(crate) fn build(
     }
     Ok(der::sequence(&[
         &info,
-        alg.identifier(),
+        &alg.identifier(),
         &der::bit_string(&signature),
     ]))
 }
@@ -226,13 +233,13 @@ mod tests {
 
     fn ec_csr(
         alg: &'static sig::EcdsaSigningAlgorithm,
-        curve: &[u8],
+        curve: EcCurve,
         sig_alg: SignatureAlg,
     ) -> (Vec<u8>, Vec<u8>) {
         let rng = SystemRandom::new();
         let pkcs8 = EcdsaKeyPair::generate_pkcs8(alg, &rng).unwrap();
         let kp = EcdsaKeyPair::from_pkcs8(alg, pkcs8.as_ref(), &rng).unwrap();
-        let spki = der::spki_ec(curve, kp.public_key().as_ref());
+        let spki = curve.spki(kp.public_key().as_ref()).as_ref().to_vec();
         let csr = build(&subject(), &spki, sig_alg, |m| {
             Ok(kp.sign(&rng, m).unwrap().as_ref().to_vec())
         })
@@ -278,7 +285,7 @@ mod tests {
         use rcgen::PublicKeyData;
         let (csr, spki) = ec_csr(
             &sig::ECDSA_P256_SHA256_ASN1_SIGNING,
-            der::OID_P256,
+            EcCurve::P256,
             SignatureAlg::EcdsaP256Sha256,
         );
         let parsed = parse(&csr);
@@ -295,7 +302,7 @@ mod tests {
         use rcgen::PublicKeyData;
         let (csr, spki) = ec_csr(
             &sig::ECDSA_P384_SHA384_ASN1_SIGNING,
-            der::OID_P384,
+            EcCurve::P384,
             SignatureAlg::EcdsaP384Sha384,
         );
         let parsed = parse(&csr);
@@ -311,21 +318,17 @@ mod tests {
     fn structure_is_exact() {
         let (csr, spki) = ec_csr(
             &sig::ECDSA_P256_SHA256_ASN1_SIGNING,
-            der::OID_P256,
+            EcCurve::P256,
             SignatureAlg::EcdsaP256Sha256,
         );
-        let (0x30, body, rest) = der::read_tlv(&csr).unwrap() else {
-            panic!("not a SEQUENCE")
-        };
+        let (body, rest) = der::expect(&csr, der::SEQUENCE).unwrap();
         assert!(rest.is_empty());
-        let (0x30, info, rest) = der::read_tlv(body).unwrap() else {
-            panic!("info")
-        };
-        let (alg, rest) = rest.split_at(der::ALG_ECDSA_SHA256.len());
-        assert_eq!(alg, der::ALG_ECDSA_SHA256);
-        let (0x03, bits, rest) = der::read_tlv(rest).unwrap() else {
-            panic!("signature")
-        };
+        let (info, rest) = der::expect(body.contents, der::SEQUENCE).unwrap();
+        let info = info.contents;
+        let (alg, rest) = der::expect(rest, der::SEQUENCE).unwrap();
+        assert_eq!(alg.contents, alg_id::ECDSA_SHA256.as_ref());
+        let (bits, rest) = der::expect(rest, der::BIT_STRING).unwrap();
+        let bits = bits.contents;
         assert!(rest.is_empty());
         assert_eq!(bits[0], 0);
         // The info: version 0, Name, the SPKI verbatim, then the empty [0] attributes.
@@ -336,6 +339,20 @@ mod tests {
         let rest = &rest[name.len()..];
         assert_eq!(&rest[..spki.len()], spki.as_slice());
         assert_eq!(&rest[spki.len()..], [0xa0, 0x00]);
+    }
+
+    #[test]
+    fn every_attribute_type_has_its_oid() {
+        for (ty, oid) in [
+            (AttrType::CommonName, [0x55, 0x04, 0x03]),
+            (AttrType::Organization, [0x55, 0x04, 0x0a]),
+            (AttrType::OrganizationalUnit, [0x55, 0x04, 0x0b]),
+            (AttrType::Country, [0x55, 0x04, 0x06]),
+            (AttrType::StateOrProvince, [0x55, 0x04, 0x08]),
+            (AttrType::Locality, [0x55, 0x04, 0x07]),
+        ] {
+            assert_eq!(ty.oid(), der::tlv(der::OID, &oid), "{ty:?}");
+        }
     }
 
     #[test]
@@ -361,8 +378,9 @@ mod tests {
         let alg = &sig::ECDSA_P256_SHA256_ASN1_SIGNING;
         let pkcs8 = EcdsaKeyPair::generate_pkcs8(alg, &rng).unwrap();
         let kp = EcdsaKeyPair::from_pkcs8(alg, pkcs8.as_ref(), &rng).unwrap();
-        let spki = der::spki_ec(der::OID_P256, kp.public_key().as_ref());
-        let e = build(&subject(), &spki, SignatureAlg::EcdsaP256Sha256, |m| {
+        let spki = EcCurve::P256.spki(kp.public_key().as_ref());
+        let spki = spki.as_ref();
+        let e = build(&subject(), spki, SignatureAlg::EcdsaP256Sha256, |m| {
             let mut s = kp.sign(&rng, m).unwrap().as_ref().to_vec();
             let last = s.len() - 1;
             s[last] ^= 1;
@@ -371,7 +389,7 @@ mod tests {
         .unwrap_err();
         assert!(matches!(e, KeyError::Sign(_)), "{e}");
         // The wrong algorithm for the key is refused too.
-        let e = build(&subject(), &spki, SignatureAlg::EcdsaP384Sha384, |m| {
+        let e = build(&subject(), spki, SignatureAlg::EcdsaP384Sha384, |m| {
             Ok(kp.sign(&rng, m).unwrap().as_ref().to_vec())
         })
         .unwrap_err();
@@ -414,7 +432,7 @@ mod tests {
     fn openssl_verifies_p256_csr() {
         let (csr, _) = ec_csr(
             &sig::ECDSA_P256_SHA256_ASN1_SIGNING,
-            der::OID_P256,
+            EcCurve::P256,
             SignatureAlg::EcdsaP256Sha256,
         );
         let pem = super::super::pem::encode("CERTIFICATE REQUEST", &csr);
@@ -456,12 +474,10 @@ mod tests {
         let pkcs8 = PrivatePkcs8KeyDer::from_pem_slice(key_pem.as_bytes()).unwrap();
         let kp = sig::RsaKeyPair::from_pkcs8(pkcs8.secret_pkcs8_der()).unwrap();
         // The SPKI from ring's RSAPublicKey { n, e }.
-        let (0x30, seq, _) = der::read_tlv(kp.public_key().as_ref()).unwrap() else {
-            panic!("RSAPublicKey")
-        };
-        let (_, n, rest) = der::read_tlv(seq).unwrap();
-        let (_, e, _) = der::read_tlv(rest).unwrap();
-        let spki = der::spki_rsa(n, e);
+        let (seq, _) = der::expect(kp.public_key().as_ref(), der::SEQUENCE).unwrap();
+        let (n, rest) = der::expect(seq.contents, der::INTEGER).unwrap();
+        let (e, _) = der::expect(rest, der::INTEGER).unwrap();
+        let spki = der::spki_rsa(n.contents, e.contents).as_ref().to_vec();
         let rng = SystemRandom::new();
         let csr = build(&subject(), &spki, SignatureAlg::RsaPkcs1Sha256, |m| {
             let mut s = vec![0u8; kp.public().modulus_len()];

@@ -18,10 +18,10 @@ use ring::signature::{ECDSA_P256_SHA256_ASN1_SIGNING, EcdsaKeyPair, KeyPair};
 use rustls::SignatureScheme;
 
 use super::csr::{self, AttrType, SignatureAlg, Subject};
-use super::der;
 use super::pem;
 use super::pkcs11::{self, KeyKind};
 use super::{KeyError, KeySource, Pkcs11Uri};
+use crate::der::{self, EcCurve};
 
 /// The kind of key `keygen` makes.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -135,12 +135,17 @@ fn keygen_pem(
     // PKCS#8 v1 with the public key, as `openssl pkey` and rustls read it.
     let pkcs8 = EcdsaKeyPair::generate_pkcs8(alg, &rng).map_err(|_| ring_err("generate"))?;
     let kp = EcdsaKeyPair::from_pkcs8(alg, pkcs8.as_ref(), &rng).map_err(|_| ring_err("load"))?;
-    let spki = der::spki_ec(der::OID_P256, kp.public_key().as_ref());
-    let csr = csr::build(subject, &spki, SignatureAlg::EcdsaP256Sha256, |info| {
-        kp.sign(&rng, info)
-            .map(|sig| sig.as_ref().to_vec())
-            .map_err(|_| KeyError::Sign("ECDSA signing of the CSR failed".into()))
-    })?;
+    let spki = EcCurve::P256.spki(kp.public_key().as_ref());
+    let csr = csr::build(
+        subject,
+        spki.as_ref(),
+        SignatureAlg::EcdsaP256Sha256,
+        |info| {
+            kp.sign(&rng, info)
+                .map(|sig| sig.as_ref().to_vec())
+                .map_err(|_| KeyError::Sign("ECDSA signing of the CSR failed".into()))
+        },
+    )?;
     let key_pem = zeroize::Zeroizing::new(pem::encode("PRIVATE KEY", pkcs8.as_ref()));
     write_private(path, key_pem.as_bytes(), overwrite)?;
     Ok(pem::encode(CSR_LABEL, &csr))
@@ -262,7 +267,7 @@ fn keygen_token(
     ]);
     let mechanism = match algorithm {
         Algorithm::EcP256 => {
-            public.push(Attribute::EcParams(der::OID_P256.to_vec()));
+            public.push(Attribute::EcParams(EcCurve::P256.params().to_vec()));
             Mechanism::EccKeyPairGen
         }
         Algorithm::Rsa2048 => {
@@ -305,15 +310,15 @@ fn token_csr_algorithm(
     spki: &[u8],
 ) -> Result<(SignatureAlg, SignatureScheme), KeyError> {
     match (kind, der::parse_spki(spki)) {
-        (KeyKind::EcP256, Some(der::SpkiKey::Ec { .. })) => Ok((
+        (KeyKind::EcP256, Ok(der::SpkiKey::Ec { .. })) => Ok((
             SignatureAlg::EcdsaP256Sha256,
             SignatureScheme::ECDSA_NISTP256_SHA256,
         )),
-        (KeyKind::EcP384, Some(der::SpkiKey::Ec { .. })) => Ok((
+        (KeyKind::EcP384, Ok(der::SpkiKey::Ec { .. })) => Ok((
             SignatureAlg::EcdsaP384Sha384,
             SignatureScheme::ECDSA_NISTP384_SHA384,
         )),
-        (KeyKind::Rsa(_), Some(der::SpkiKey::Rsa { .. })) => Ok((
+        (KeyKind::Rsa(_), Ok(der::SpkiKey::Rsa { .. })) => Ok((
             SignatureAlg::RsaPkcs1Sha256,
             SignatureScheme::RSA_PKCS1_SHA256,
         )),

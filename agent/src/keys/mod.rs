@@ -10,7 +10,6 @@
 //! PINs never appear in errors or logs.
 
 mod csr;
-mod der;
 mod keygen;
 mod pem;
 pub mod pkcs11;
@@ -41,7 +40,7 @@ impl KeySource {
     /// Parses the configuration's `key` value: a `pkcs11:` URI or a file path.
     pub fn parse(s: &str) -> Result<Self, KeyError> {
         let t = s.trim();
-        if t.len() >= 7 && t[..7].eq_ignore_ascii_case("pkcs11:") {
+        if uri::strip_prefix_ci(t, "pkcs11:").is_some() {
             return Pkcs11Uri::parse(t)
                 .map(KeySource::Pkcs11)
                 .map_err(KeyError::InvalidUri);
@@ -312,8 +311,10 @@ fn load_pem(path: &Path) -> Result<Arc<dyn SigningKey>, KeyError> {
 pub(crate) fn key_from_der(der: &PrivateKeyDer<'_>) -> Result<Arc<dyn SigningKey>, KeyError> {
     // Size check before ring sees the key: ring rejects small RSA keys with a vague error.
     let rsa_bits = match der {
-        PrivateKeyDer::Pkcs1(k) => der::rsa_private_key_bits(k.secret_pkcs1_der()),
-        PrivateKeyDer::Pkcs8(k) => der::pkcs8_rsa_bits(k.secret_pkcs8_der()),
+        PrivateKeyDer::Pkcs1(k) => crate::der::rsa_private_key_bits(k.secret_pkcs1_der()).ok(),
+        PrivateKeyDer::Pkcs8(k) => crate::der::pkcs8_rsa_bits(k.secret_pkcs8_der())
+            .ok()
+            .flatten(),
         _ => None,
     };
     if let Some(bits) = rsa_bits {
@@ -351,6 +352,11 @@ mod tests {
             Err(KeyError::InvalidUri(_))
         ));
         assert!(matches!(KeySource::parse(" "), Err(KeyError::EmptySource)));
+        // A multi-byte character where `pkcs11:` would end is a file name, not a panic.
+        assert!(matches!(
+            KeySource::parse("pkcs11é.pem").unwrap(),
+            KeySource::Pem(p) if p == Path::new("pkcs11é.pem")
+        ));
     }
 
     #[test]

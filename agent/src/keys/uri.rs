@@ -285,9 +285,13 @@ fn redact_name(name: &str) -> &str {
     }
 }
 
-fn strip_prefix_ci<'a>(s: &'a str, prefix: &str) -> Option<&'a str> {
-    if s.len() >= prefix.len() && s[..prefix.len()].eq_ignore_ascii_case(prefix) {
-        Some(&s[prefix.len()..])
+/// `s` without an ASCII `prefix`, compared ignoring ASCII case.
+pub(crate) fn strip_prefix_ci<'a>(s: &'a str, prefix: &str) -> Option<&'a str> {
+    // Compared as bytes: `s` may have a multi-byte character across `prefix.len()`. A match
+    // ends on a character boundary, since `prefix` is ASCII.
+    let head = s.as_bytes().get(..prefix.len())?;
+    if head.eq_ignore_ascii_case(prefix.as_bytes()) {
+        s.get(prefix.len()..)
     } else {
         None
     }
@@ -304,8 +308,13 @@ fn percent_decode(name: &str, value: &str) -> Result<Vec<u8>, UriError> {
     let mut i = 0;
     while i < b.len() {
         if b[i] == b'%' {
+            // Exactly two hex digits (RFC 3986 pct-encoded); `from_str_radix` alone would also
+            // take a sign, as in `%+f`.
             let hex = b.get(i + 1..i + 3).and_then(|h| {
                 let h = std::str::from_utf8(h).ok()?;
+                if !h.bytes().all(|c| c.is_ascii_hexdigit()) {
+                    return None;
+                }
                 u8::from_str_radix(h, 16).ok()
             });
             let Some(v) = hex else {
@@ -381,8 +390,15 @@ impl fmt::Display for Pkcs11Uri {
         match &self.pin {
             Some(PinSource::File(p)) => {
                 let p = p.to_string_lossy();
+                // `file:` unless the path starts with `//`, which `file:` would turn into the
+                // `file://` prefix when parsed again.
+                let scheme = if p.starts_with("//") {
+                    "file://"
+                } else {
+                    "file:"
+                };
                 query.push(format!(
-                    "pin-source=file:{}",
+                    "pin-source={scheme}{}",
                     percent_encode(p.as_bytes(), false)
                 ));
             }
@@ -495,6 +511,33 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(!e.contains("9876"), "{e}");
+    }
+
+    #[test]
+    fn multi_byte_characters_and_signed_escapes() {
+        // A character across the end of the `pkcs11:` prefix is not a panic.
+        assert!(Pkcs11Uri::parse("pkcs11é:token=a").is_err());
+        assert!(Pkcs11Uri::parse("pkcs1é").is_err());
+        // `%+f` is not a percent escape.
+        assert!(Pkcs11Uri::parse("pkcs11:object=%+f").is_err());
+        assert!(Pkcs11Uri::parse("pkcs11:object=%-0").is_err());
+        assert_eq!(
+            Pkcs11Uri::parse("pkcs11:id=%2B%fF").unwrap().id,
+            Some(vec![0x2b, 0xff])
+        );
+    }
+
+    #[test]
+    fn display_parses_back() {
+        for s in [
+            "pkcs11:token=a%3bb;object=x=y;id=%00%ff;slot-id=3;type=private?module-path=/m%26.so&pin-source=file:/p",
+            "pkcs11:?pin-source=file:////server/pin",
+            "pkcs11:?pin-source=relative/pin",
+            "pkcs11:manufacturer=%3f;serial=1;model=m%20x",
+        ] {
+            let u = Pkcs11Uri::parse(s).unwrap();
+            assert_eq!(Pkcs11Uri::parse(&u.to_string()).unwrap(), u, "{s} -> {u}");
+        }
     }
 
     #[test]

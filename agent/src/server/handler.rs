@@ -2,9 +2,9 @@
 //!
 //! Order of checks: (TCP only) 400 for a `Host` that does not name the listener (a loopback
 //! name on a loopback listener, the listener's own address on a link-local listener of §4.5) or
-//! any `X-Forwarded-For` → 405 for
-//! anything but `GET` → 404 for an unknown route or role → 401 (TCP: token) / 403 (socket: peer
-//! credentials) → 503 when no credentials can be served. The query string and any request body
+//! any `X-Forwarded-For` → 405 for anything but `GET` → 404 for an unknown route or role → 401
+//! (TCP: token) → 403 (socket: peer credentials; TCP: peer uid of §4.6 when the role has
+//! `allow_uids`) → 503 when no credentials can be served. The query string and any request body
 //! are ignored.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -23,14 +23,18 @@ use zeroize::Zeroizing;
 
 use super::Shared;
 use crate::metrics::Route;
+use crate::peer::TcpPeer;
 use crate::state::{RoleHandle, Served};
 
 /// Who is on the other end of a connection.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub(super) enum Peer {
-    /// The TCP listener: token authorization, `Host` checks against the connection's local
-    /// address (`None` when the kernel did not give it: every request is refused).
-    Tcp { local: Option<IpAddr> },
+    /// The TCP listener (loopback or link-local, §4.5): token authorization, `Host` checks
+    /// against the connection's local address, and the peer's uid (§4.6) for roles with
+    /// `allow_uids`.
+    Tcp(Arc<TcpPeer>),
+    /// The IMDS listener (§4.4).
+    Imds(Arc<TcpPeer>),
     /// The Unix socket, with the peer's credentials (`SO_PEERCRED`) when the kernel gave them.
     Unix { uid: Option<u32>, gid: Option<u32> },
 }
@@ -80,11 +84,17 @@ const PROMETHEUS: HeaderValue =
 /// Answers one request; never fails (every problem is an HTTP error response).
 pub(super) async fn handle(
     shared: &Shared,
-    peer: Peer,
+    peer: &Peer,
     cache: &BodyCache,
     req: Request<Incoming>,
 ) -> Response<Body> {
-    let (route, resp) = route(shared, peer, cache, &req).await;
+    let (route, resp) = match peer {
+        Peer::Imds(p) => (
+            Route::Imds,
+            super::imds::handle(shared, p, cache, &req).await,
+        ),
+        _ => route(shared, peer, cache, &req).await,
+    };
     shared.state.metrics.request(route, resp.status().as_u16());
     resp
 }
@@ -110,6 +120,20 @@ impl BodyCache {
     /// The body for `served` of `role`: the cached one when it was rendered from the same
     /// credentials and expiration, else a new rendering (which replaces the cached one).
     fn body(&self, role: &str, served: &Served) -> Arc<Zeroizing<Vec<u8>>> {
+        self.body_with(served, |served| {
+            let mut text =
+                Format::ContainerJson.render(role, &served.credentials, served.expiration);
+            Zeroizing::new(std::mem::take(&mut *text).into_bytes())
+        })
+    }
+
+    /// [`BodyCache::body`] with the rendering given by the caller (one connection serves one
+    /// kind of body).
+    pub(super) fn body_with(
+        &self,
+        served: &Served,
+        render: impl FnOnce(&Served) -> Zeroizing<Vec<u8>>,
+    ) -> Arc<Zeroizing<Vec<u8>>> {
         let mut slot = self.0.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(c) = slot.as_ref() {
             if c.expiration == served.expiration
@@ -118,8 +142,7 @@ impl BodyCache {
                 return c.body.clone();
             }
         }
-        let mut text = Format::ContainerJson.render(role, &served.credentials, served.expiration);
-        let body = Arc::new(Zeroizing::new(std::mem::take(&mut *text).into_bytes()));
+        let body = Arc::new(render(served));
         *slot = Some(CachedBody {
             credentials: Arc::downgrade(&served.credentials),
             expiration: served.expiration,
@@ -149,7 +172,7 @@ fn target(path: &str) -> Option<Target<'_>> {
 
 async fn route(
     shared: &Shared,
-    peer: Peer,
+    peer: &Peer,
     cache: &BodyCache,
     req: &Request<Incoming>,
 ) -> (Route, Response<Body>) {
@@ -160,8 +183,8 @@ async fn route(
         Some(Target::Metrics) => Route::Metrics,
         None => Route::Other,
     };
-    if let Peer::Tcp { local } = peer {
-        if !local.is_some_and(|local| loopback_request(req, local)) {
+    if let Peer::Tcp(tcp) = peer {
+        if !loopback_request(req, tcp.local().ip()) {
             return (route, error(StatusCode::BAD_REQUEST, BAD_REQUEST));
         }
     }
@@ -260,7 +283,7 @@ fn port(p: &str) -> bool {
 
 async fn credentials(
     shared: &Shared,
-    peer: Peer,
+    peer: &Peer,
     cache: &BodyCache,
     name: Option<&str>,
     headers: &HeaderMap,
@@ -276,7 +299,7 @@ async fn credentials(
     };
     let role = &roles[index];
     match peer {
-        Peer::Tcp { .. } => {
+        Peer::Tcp(tcp) => {
             let given = headers
                 .get(header::AUTHORIZATION)
                 .map(HeaderValue::as_bytes)
@@ -287,12 +310,17 @@ async fn credentials(
             if !ok {
                 return error(StatusCode::UNAUTHORIZED, UNAUTHORIZED);
             }
+            if !tcp_peer_allowed(&role.allow_uids, tcp) {
+                return error(StatusCode::FORBIDDEN, FORBIDDEN_TCP);
+            }
         }
         Peer::Unix { uid, gid } => {
-            if !peer_allowed(role, uid, gid) {
+            if !peer_allowed(role, *uid, *gid) {
                 return error(StatusCode::FORBIDDEN, FORBIDDEN);
             }
         }
+        // Routed to the IMDS handler before this point.
+        Peer::Imds(_) => return error(StatusCode::NOT_FOUND, NOT_FOUND),
     }
     match role.credentials(shared.state.request_wait).await {
         Ok(served) => {
@@ -312,6 +340,12 @@ async fn credentials(
             r
         }
     }
+}
+
+/// SPEC §4.6: with `allow_uids` set, a TCP peer must be one of those users (a peer whose uid
+/// cannot be found is refused); without it, the token alone decides.
+pub(super) fn tcp_peer_allowed(allow_uids: &[u32], peer: &TcpPeer) -> bool {
+    allow_uids.is_empty() || peer.uid().is_some_and(|u| allow_uids.contains(&u))
 }
 
 fn peer_allowed(role: &RoleHandle, uid: Option<u32>, gid: Option<u32>) -> bool {
@@ -390,6 +424,7 @@ const NOT_FOUND: &str = r#"{"code":"NotFound","message":"no such route; use /v1/
 const UNKNOWN_ROLE: &str = r#"{"code":"NotFound","message":"unknown role; the configured roles are listed by /v1/health"}"#;
 const UNAUTHORIZED: &str = r#"{"code":"Unauthorized","message":"missing or wrong Authorization token; send the contents of <runtime_dir>/<role>.token (AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE)"}"#;
 const FORBIDDEN: &str = r#"{"code":"Forbidden","message":"this user is not allowed for the role; add its uid or gid to allow_uids/allow_gids"}"#;
+const FORBIDDEN_TCP: &str = r#"{"code":"Forbidden","message":"this local user is not allowed for the role (the connection's owner, SPEC 4.6); add its uid to the role's allow_uids"}"#;
 const UNAVAILABLE: &str = r#"{"code":"Unavailable","message":"no valid credentials yet; retry after the time in Retry-After (see /v1/health for the last error)"}"#;
 
 fn error(status: StatusCode, body: &'static str) -> Response<Body> {
@@ -404,6 +439,26 @@ fn error(status: StatusCode, body: &'static str) -> Response<Body> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tcp_peer_uid_rule() {
+        // SAFETY: getuid has no preconditions and cannot fail.
+        let me = unsafe { libc::getuid() };
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let c = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (s, remote) = l.accept().unwrap();
+        let local = s.local_addr().unwrap();
+        let known = TcpPeer::new(local, remote);
+        assert!(tcp_peer_allowed(&[], &known), "no allow_uids: token only");
+        assert!(tcp_peer_allowed(&[me], &known));
+        assert!(!tcp_peer_allowed(&[me.wrapping_add(1)], &known));
+        // A peer the kernel does not know in this namespace: refused when allow_uids is set.
+        let unknown = TcpPeer::new(local, "127.0.0.1:1".parse().unwrap());
+        assert_eq!(unknown.uid(), None);
+        assert!(!tcp_peer_allowed(&[me], &unknown));
+        assert!(tcp_peer_allowed(&[], &unknown));
+        drop(c);
+    }
 
     #[test]
     fn loopback_hosts() {

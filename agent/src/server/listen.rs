@@ -176,16 +176,7 @@ pub(super) async fn bind_with(
     if tcp.is_none() {
         if let Some(addr) = cfg.listen {
             tcp = Some(TcpListener::bind(addr).await.map_err(|source| {
-                if source.kind() == io::ErrorKind::AddrNotAvailable
-                    && !addr.ip().is_loopback()
-                    && Listener::Credentials.allows(addr.ip())
-                {
-                    ServeError::AddressMissing(addr)
-                } else if source.kind() == io::ErrorKind::PermissionDenied && addr.port() < 1024 {
-                    ServeError::PrivilegedPort(addr)
-                } else {
-                    ServeError::Listen { addr, source }
-                }
+                bind_error(addr, source, |source| ServeError::Listen { addr, source })
             })?);
         }
     }
@@ -198,7 +189,24 @@ pub(super) async fn bind_with(
         tokens,
         created_socket,
         limits: cfg.limits(),
+        imds: None,
     })
+}
+
+/// What a failed bind of `addr` means for the user: a link-local address that no interface
+/// carries, a privileged port, or else `other`.
+pub(super) fn bind_error(
+    addr: SocketAddr,
+    source: io::Error,
+    other: impl FnOnce(io::Error) -> ServeError,
+) -> ServeError {
+    if source.kind() == io::ErrorKind::AddrNotAvailable && !addr.ip().is_loopback() {
+        ServeError::AddressMissing(addr)
+    } else if source.kind() == io::ErrorKind::PermissionDenied && addr.port() < 1024 {
+        ServeError::PrivilegedPort(addr)
+    } else {
+        other(source)
+    }
 }
 
 /// Refuses (again, after the configuration did) any address but loopback and the link-local

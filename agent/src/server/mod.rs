@@ -4,6 +4,10 @@
 //! [`bind`] creates the listeners (or takes them from systemd socket activation) and writes the
 //! per-role token files; [`serve`] answers until its shutdown future resolves, then drains.
 //!
+//! The IMDSv2-compatible endpoint (SPEC §4.4, module `imds`) is one more listener of the same server:
+//! the same accept loop, connection limit, header timeout and eviction of idle connections;
+//! only the routes differ.
+//!
 //! Each connection is its own task running hyper's HTTP/1.1 server with keep-alive and
 //! pipelining; the number of connections is bounded (connections over the limit are closed at
 //! once), request heads are limited to 8 KiB and must arrive within `header_read_timeout`
@@ -11,6 +15,7 @@
 //! idle keep-alive connections).
 
 mod handler;
+mod imds;
 mod listen;
 
 use std::future::Future;
@@ -25,9 +30,11 @@ use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::{Semaphore, mpsc, watch};
 use zeroize::Zeroizing;
 
+pub use imds::ImdsConfig;
 pub use listen::{Activation, TOKEN_DIRS, parse_listen_env};
 
 use crate::metrics::Metrics;
+use crate::peer::TcpPeer;
 use crate::state::RoleHandle;
 
 /// Largest request head accepted (hyper answers 431 above it).
@@ -54,6 +61,8 @@ pub struct ServeConfig {
     pub header_read_timeout: Duration,
     /// On shutdown, how long requests under way may take to finish.
     pub shutdown_grace: Duration,
+    /// The IMDSv2-compatible listener (`[serve.imds]`), if configured.
+    pub imds: Option<ImdsConfig>,
 }
 
 impl ServeConfig {
@@ -69,6 +78,7 @@ impl ServeConfig {
             max_connections: 1024,
             header_read_timeout: Duration::from_secs(30),
             shutdown_grace: Duration::from_secs(5),
+            imds: None,
         }
     }
 
@@ -79,6 +89,7 @@ impl ServeConfig {
             socket_mode: config.serve.socket_mode,
             listen: config.serve.listen,
             request_wait: config.timeout,
+            imds: ImdsConfig::from_config(config),
             ..ServeConfig::new(config.serve.socket.clone(), config.runtime_dir.clone())
         }
     }
@@ -109,6 +120,12 @@ pub enum ServeError {
          addresses 169.254.170.2, 169.254.170.23, [fd00:ec2::23] are allowed"
     )]
     NotLoopback(SocketAddr),
+    /// `[serve.imds] listen` is neither loopback nor a link-local address of SPEC §4.5.
+    #[error(
+        "serve.imds.listen = {0}: only loopback or the link-local addresses 169.254.169.254, \
+         [fd00:ec2::254], 169.254.170.2, 169.254.170.23, [fd00:ec2::23] are allowed"
+    )]
+    ImdsNotAllowed(SocketAddr),
     /// A link-local listen address is not configured on any interface of the host.
     #[error(
         "cannot listen on {0}: the address is not on this host; install the iotcred0 \
@@ -162,6 +179,16 @@ pub enum ServeError {
     /// A role name cannot be used as a token file name.
     #[error("role name {0:?} cannot name a token file; use letters, digits, '-' and '_'")]
     BadRoleName(String),
+    /// The IMDS listener cannot be bound.
+    #[error(
+        "cannot listen on serve.imds.listen = {addr}: {source}; is another process using the port?"
+    )]
+    ImdsListen {
+        /// The address.
+        addr: SocketAddr,
+        /// The OS error.
+        source: std::io::Error,
+    },
     /// The system random source failed.
     #[error("cannot read the system random source: {0}")]
     Random(String),
@@ -205,12 +232,18 @@ pub struct Listeners {
     tokens: Vec<(Arc<str>, Token)>,
     created_socket: Option<listen::SocketId>,
     limits: Limits,
+    imds: Option<(TcpListener, Arc<imds::Imds>)>,
 }
 
 impl Listeners {
     /// Address of the TCP listener, if any (useful with port 0).
     pub fn tcp_addr(&self) -> Option<SocketAddr> {
         self.tcp.as_ref().and_then(|l| l.local_addr().ok())
+    }
+
+    /// Address of the IMDS listener, if any.
+    pub fn imds_addr(&self) -> Option<SocketAddr> {
+        self.imds.as_ref().and_then(|(l, _)| l.local_addr().ok())
     }
 
     /// Whether a Unix socket listener is present.
@@ -348,7 +381,7 @@ impl ServerState {
 /// replaces `listen`.
 pub async fn bind(cfg: &ServeConfig, roles: &[RoleHandle]) -> Result<Listeners, ServeError> {
     let activation = Activation::from_env()?;
-    listen::bind_with(cfg, roles, activation).await
+    bind_with_activation(cfg, roles, activation).await
 }
 
 /// [`bind`] with explicit socket activation instead of reading the environment.
@@ -357,13 +390,20 @@ pub async fn bind_with_activation(
     roles: &[RoleHandle],
     activation: Option<Activation>,
 ) -> Result<Listeners, ServeError> {
-    listen::bind_with(cfg, roles, activation).await
+    let imds = match &cfg.imds {
+        Some(c) => Some(imds::bind(c).await?),
+        None => None,
+    };
+    let mut listeners = listen::bind_with(cfg, roles, activation).await?;
+    listeners.imds = imds;
+    Ok(listeners)
 }
 
 /// Per-connection context shared by all connections.
 struct Shared {
     state: Arc<ServerState>,
     http: http1::Builder,
+    imds: Option<Arc<imds::Imds>>,
 }
 
 /// Open connections in accept order, so that a full server can close the oldest connection
@@ -461,7 +501,13 @@ pub async fn serve(
         tokens,
         created_socket,
         limits,
+        imds,
     } = listeners;
+    let (imds_listener, imds) = match imds {
+        Some((l, i)) => (Some(l), Some(i)),
+        None => (None, None),
+    };
+    let hop_limit = imds.as_ref().map(|i| i.hop_limit());
 
     state.adopt_tokens(tokens);
 
@@ -474,6 +520,7 @@ pub async fn serve(
     let shared = Arc::new(Shared {
         state: state.clone(),
         http,
+        imds,
     });
 
     let slots = Arc::new(Semaphore::new(limits.max_connections));
@@ -488,7 +535,8 @@ pub async fn serve(
             biased;
             () = &mut shutdown => break,
             r = accept_unix(unix.as_ref()) => r.map(|(s, peer)| Conn::Unix(s, peer)),
-            r = accept_tcp(tcp.as_ref()) => r.map(Conn::Tcp),
+            r = accept_tcp(tcp.as_ref(), None) => r.map(|(s, p)| Conn::Tcp(s, p)),
+            r = accept_tcp(imds_listener.as_ref(), hop_limit) => r.map(|(s, p)| Conn::Imds(s, p)),
         };
         let conn = match accepted {
             Ok(c) => c,
@@ -530,9 +578,11 @@ pub async fn serve(
             let conn_task = async {
                 match conn {
                     Conn::Unix(s, peer) => run_connection(&shared, s, peer, drain, busy).await,
-                    Conn::Tcp(s) => {
-                        let local = s.local_addr().ok().map(|a| a.ip());
-                        run_connection(&shared, s, handler::Peer::Tcp { local }, drain, busy).await
+                    Conn::Tcp(s, peer) => {
+                        run_connection(&shared, s, handler::Peer::Tcp(peer), drain, busy).await
+                    }
+                    Conn::Imds(s, peer) => {
+                        run_connection(&shared, s, handler::Peer::Imds(peer), drain, busy).await
                     }
                 }
             };
@@ -547,6 +597,7 @@ pub async fn serve(
     // Stop accepting; close listeners so new clients are refused at once.
     drop(unix);
     drop(tcp);
+    drop(imds_listener);
     let _ = drain_tx.send(DRAINING);
     drop(done_tx);
     if tokio::time::timeout(limits.shutdown_grace, done_rx.recv())
@@ -563,7 +614,8 @@ pub async fn serve(
 
 enum Conn {
     Unix(tokio::net::UnixStream, handler::Peer),
-    Tcp(tokio::net::TcpStream),
+    Tcp(tokio::net::TcpStream, Arc<TcpPeer>),
+    Imds(tokio::net::TcpStream, Arc<TcpPeer>),
 }
 
 struct OpenGuard<'a>(&'a Metrics);
@@ -596,12 +648,21 @@ async fn accept_unix(
     }
 }
 
-async fn accept_tcp(l: Option<&TcpListener>) -> std::io::Result<tokio::net::TcpStream> {
+/// Accepts a TCP connection, with `TCP_NODELAY` and (IMDS) the hop limit set, and its
+/// addresses for the peer uid lookup of §4.6 (made later, only when a request needs it).
+async fn accept_tcp(
+    l: Option<&TcpListener>,
+    hop_limit: Option<u8>,
+) -> std::io::Result<(tokio::net::TcpStream, Arc<TcpPeer>)> {
     match l {
         Some(l) => {
-            let (s, _) = l.accept().await?;
+            let (s, remote) = l.accept().await?;
             let _ = s.set_nodelay(true);
-            Ok(s)
+            if let Some(h) = hop_limit {
+                imds::set_hop_limit(&s, remote.is_ipv4(), h)?;
+            }
+            let local = s.local_addr()?;
+            Ok((s, Arc::new(TcpPeer::new(local, remote))))
         }
         None => std::future::pending().await,
     }
@@ -621,11 +682,12 @@ async fn run_connection<S>(
     let svc = hyper::service::service_fn(move |req| {
         let shared = svc_shared.clone();
         let cache = cache.clone();
+        let peer = peer.clone();
         busy.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         let guard = BusyGuard(busy.clone());
         async move {
             let _guard = guard;
-            Ok::<_, std::convert::Infallible>(handler::handle(&shared, peer, &cache, req).await)
+            Ok::<_, std::convert::Infallible>(handler::handle(&shared, &peer, &cache, req).await)
         }
     });
     let conn = shared.http.serve_connection(TokioIo::new(stream), svc);

@@ -1,5 +1,6 @@
 //! `libiotcred_p11_unplug.so`: a PKCS#11 module for tests that wraps a real module (SoftHSM2)
-//! and makes its tokens disappear and come back, as if the HSM or smart card were unplugged.
+//! and makes its tokens disappear and come back, as if the HSM or smart card were unplugged,
+//! and holds `C_Sign` at a gate, as a slow token would.
 //!
 //! Nothing can unplug a SoftHSM token, so this module sits between the application and
 //! SoftHSM. It is configured through the environment of the process that loads it:
@@ -11,6 +12,13 @@
 //! - `IOTCRED_P11_UNPLUG_LOG` (optional): a file to which one line per intercepted call is
 //!   appended, `<function> <plugged|unplugged> rv=0x<rv>`, so a test can count `C_Login` or
 //!   `C_OpenSession` calls. Arguments (a PIN!) are never written.
+//!
+//! - `IOTCRED_P11_UNPLUG_SIGN_GATE` (optional): a slow token. While a FIFO exists at this
+//!   path, every `C_Sign` first opens it, logs `C_Sign(gated) plugged rv=0x0` (so a test knows
+//!   a signature is waiting) and then waits until something is written to the FIFO (or 120 s
+//!   pass, so a broken test cannot hang the process for ever); then it signs. A test releases
+//!   the waiting signatures by renaming the FIFO away (later calls pass) and writing a byte to
+//!   it.
 //!
 //! While unplugged, what a removable token's module answers:
 //!
@@ -49,6 +57,10 @@ const MODULE_VAR: &str = "IOTCRED_P11_UNPLUG_MODULE";
 const FILE_VAR: &str = "IOTCRED_P11_UNPLUG_FILE";
 /// Path of the call log.
 const LOG_VAR: &str = "IOTCRED_P11_UNPLUG_LOG";
+/// Path of the `C_Sign` gate.
+const SIGN_GATE_VAR: &str = "IOTCRED_P11_UNPLUG_SIGN_GATE";
+/// The longest a `C_Sign` waits at the gate.
+const SIGN_GATE_LIMIT_MS: libc::c_int = 120_000;
 
 /// The real module and our function list.
 struct Shim {
@@ -60,6 +72,7 @@ struct Shim {
     ours: CK_FUNCTION_LIST,
     control: PathBuf,
     log: Option<PathBuf>,
+    sign_gate: Option<PathBuf>,
 }
 
 /// Loaded by the first `C_GetFunctionList`; an error is kept (and reported on every call).
@@ -76,6 +89,7 @@ fn load() -> Result<Shim, String> {
     let module = var(MODULE_VAR)?;
     let control = PathBuf::from(var(FILE_VAR)?);
     let log = std::env::var_os(LOG_VAR).map(PathBuf::from);
+    let sign_gate = std::env::var_os(SIGN_GATE_VAR).map(PathBuf::from);
     // SAFETY: loading runs the module's initialisers; the module is the PKCS#11 library the
     // test names (SoftHSM2), whose initialisers have no requirements on the caller.
     let lib = unsafe { libloading::Library::new(&module) }
@@ -125,6 +139,7 @@ fn load() -> Result<Shim, String> {
         ours,
         control,
         log,
+        sign_gate,
     })
 }
 
@@ -164,6 +179,47 @@ impl Shim {
             let rv = unsafe { close_all(slot) };
             self.record("C_CloseAllSessions", true, rv);
         }
+    }
+
+    /// Waits at the `C_Sign` gate while it is closed (a FIFO exists at its path) until the test
+    /// writes to it, bounded by [`SIGN_GATE_LIMIT_MS`].
+    fn wait_at_sign_gate(&self) {
+        use std::os::unix::ffi::OsStrExt as _;
+        let Some(gate) = &self.sign_gate else {
+            return;
+        };
+        let Ok(path) = std::ffi::CString::new(gate.as_os_str().as_bytes()) else {
+            return;
+        };
+        // Non-blocking, so the open itself never waits for a writer.
+        // SAFETY: `path` is a NUL-terminated string that outlives the call.
+        let fd = unsafe {
+            libc::open(
+                path.as_ptr(),
+                libc::O_RDONLY | libc::O_NONBLOCK | libc::O_CLOEXEC,
+            )
+        };
+        if fd < 0 {
+            return; // no gate: open
+        }
+        self.record("C_Sign(gated)", false, CKR_OK);
+        let mut pfd = libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // A FIFO whose writer has not come yet is neither readable nor hung up; a regular file
+        // is readable at once (not a gate).
+        loop {
+            // SAFETY: one valid pollfd.
+            let rc = unsafe { libc::poll(&mut pfd, 1, SIGN_GATE_LIMIT_MS) };
+            if rc >= 0 || std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted
+            {
+                break;
+            }
+        }
+        // SAFETY: the descriptor opened above, closed once.
+        unsafe { libc::close(fd) };
     }
 
     /// Appends one line about a call to the log, when there is one. Never arguments.
@@ -316,7 +372,31 @@ session_fn! {
     find_objects => C_FindObjects(objects: *mut CK_OBJECT_HANDLE, max: CK_ULONG, count: *mut CK_ULONG);
     find_objects_final => C_FindObjectsFinal();
     sign_init => C_SignInit(mechanism: *mut CK_MECHANISM, key: CK_OBJECT_HANDLE);
-    sign => C_Sign(data: *mut CK_BYTE, data_len: CK_ULONG, signature: *mut CK_BYTE, signature_len: *mut CK_ULONG);
     sign_update => C_SignUpdate(part: *mut CK_BYTE, part_len: CK_ULONG);
     sign_final => C_SignFinal(signature: *mut CK_BYTE, signature_len: *mut CK_ULONG);
+}
+
+/// `C_Sign`: waits at the gate (see the crate documentation), then as the other session
+/// functions: `CKR_DEVICE_REMOVED` while unplugged, else the real module's.
+unsafe extern "C" fn sign(
+    session: CK_SESSION_HANDLE,
+    data: *mut CK_BYTE,
+    data_len: CK_ULONG,
+    signature: *mut CK_BYTE,
+    signature_len: *mut CK_ULONG,
+) -> CK_RV {
+    let Some(shim) = shim() else {
+        return CKR_CRYPTOKI_NOT_INITIALIZED;
+    };
+    shim.wait_at_sign_gate();
+    if shim.unplugged() {
+        return shim.record("C_Sign", true, CKR_DEVICE_REMOVED);
+    }
+    let Some(real) = shim.real.C_Sign else {
+        return CKR_FUNCTION_NOT_SUPPORTED;
+    };
+    // SAFETY: the caller's arguments, unchanged, to the real function of the same signature;
+    // the caller upholds its PKCS#11 contract.
+    let rv = unsafe { real(session, data, data_len, signature, signature_len) };
+    shim.record("C_Sign", false, rv)
 }
