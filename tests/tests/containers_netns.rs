@@ -4,6 +4,8 @@
 //! `ip netns exec`, gets credentials over `http://169.254.170.2:<port>/v1/credentials/<role>`
 //! with the bind-mountable token file `<runtime_dir>/tokens/<role>/token`. The token survives an
 //! agent restart; the `Host` check accepts only the listener's own address.
+//! The same over the EKS IPv6 address `[fd00:ec2::23]`, and botocore's instance-metadata
+//! provider over the IMDS address 169.254.169.254 (SPEC §4.4).
 //!
 //! Needs root and iproute2; skipped with a message otherwise. Everything the test creates in
 //! the network stack is deleted by [`NetNs`]'s `Drop`, also when the test fails.
@@ -20,6 +22,7 @@ use iotcred_tests::netns::{self, NetNs};
 const LIMIT: Duration = Duration::from_secs(30);
 const ECS: IpAddr = IpAddr::V4(Ipv4Addr::new(169, 254, 170, 2));
 const EKS_V6: IpAddr = IpAddr::V6(Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x23));
+const IMDS: IpAddr = IpAddr::V4(Ipv4Addr::new(169, 254, 169, 254));
 
 fn skip() -> bool {
     match netns::unavailable() {
@@ -52,13 +55,15 @@ fn url_host(addr: IpAddr) -> String {
 }
 
 fn start_agent(env: &Env, addr: IpAddr, port: u16) -> Agent {
-    let k = env.pki.device_ec.key.display().to_string();
-    let cfg = env.config_with(
-        &env.pki.device_ec.cert,
-        &k,
-        "",
+    start_agent_with(
+        env,
         &format!("[serve]\nlisten = \"{}:{port}\"\n", url_host(addr)),
-    );
+    )
+}
+
+fn start_agent_with(env: &Env, serve: &str) -> Agent {
+    let k = env.pki.device_ec.key.display().to_string();
+    let cfg = env.config_with(&env.pki.device_ec.cert, &k, "", serve);
     let mut agent = env.start_agent(&cfg);
     assert!(agent.wait_ready(LIMIT), "no READY=1:\n{}", agent.log());
     agent
@@ -66,6 +71,23 @@ fn start_agent(env: &Env, addr: IpAddr, port: u16) -> Agent {
 
 /// botocore's container provider, inside the namespace, configured only by the environment.
 fn botocore_in(ns: &NetNs, env: &Env, url: &str, token_file: &Path) -> serde_json::Value {
+    botocore_with(
+        ns,
+        env,
+        &[
+            ("AWS_EC2_METADATA_DISABLED", "true".into()),
+            ("AWS_CONTAINER_CREDENTIALS_FULL_URI", url.into()),
+            (
+                "AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE",
+                token_file.display().to_string(),
+            ),
+        ],
+    )
+}
+
+/// botocore's default credential chain inside the namespace, with only `vars` (and a clean
+/// home) configuring it.
+fn botocore_with(ns: &NetNs, env: &Env, vars: &[(&str, String)]) -> serde_json::Value {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("consumers/botocore_creds.py");
     let mut cmd = ns.command("timeout");
     cmd.arg("60").arg("python3").arg(script);
@@ -81,10 +103,8 @@ fn botocore_in(ns: &NetNs, env: &Env, url: &str, token_file: &Path) -> serde_jso
         .env("HOME", home)
         .env("AWS_CONFIG_FILE", home.join("no-config"))
         .env("AWS_SHARED_CREDENTIALS_FILE", home.join("no-credentials"))
-        .env("AWS_EC2_METADATA_DISABLED", "true")
         .env("AWS_REGION", "eu-west-1")
-        .env("AWS_CONTAINER_CREDENTIALS_FULL_URI", url)
-        .env("AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE", token_file)
+        .envs(vars.iter().map(|(k, v)| (k, v)))
         .stdin(Stdio::null())
         .stderr(Stdio::inherit())
         .output()
@@ -268,4 +288,39 @@ fn the_fixture_tears_everything_down_when_a_test_fails() {
     let links = String::from_utf8_lossy(&links.stdout);
     let host_if = format!("ich{}x", std::process::id());
     assert!(!links.contains(&host_if), "veth left behind:\n{links}");
+}
+
+/// The IMDS endpoint (SPEC §4.4) on its link-local address, reached from a container: botocore's
+/// instance-metadata provider inside the namespace, pointed at `http://169.254.169.254:<port>/`,
+/// gets the role's credentials (IMDSv2 token PUT, then GETs) across the veth pair with the
+/// default hop limit of 1.
+#[test]
+fn botocore_in_a_container_namespace_over_the_imds_address() {
+    if skip() {
+        return;
+    }
+    let ns = NetNs::create(&[IMDS]).expect("network namespace");
+    let env = Env::new();
+    let port = free_port(IMDS);
+    let agent = start_agent_with(
+        &env,
+        &format!("[serve.imds]\nlisten = \"169.254.169.254:{port}\"\nrole = \"default\"\n"),
+    );
+    let v = botocore_with(
+        &ns,
+        &env,
+        &[
+            ("AWS_EC2_METADATA_DISABLED", "false".into()),
+            (
+                "AWS_EC2_METADATA_SERVICE_ENDPOINT",
+                format!("http://169.254.169.254:{port}/"),
+            ),
+        ],
+    );
+    let issued = env.provider.last_issued().unwrap();
+    assert_eq!(v["method"], "iam-role", "{v}");
+    assert_eq!(v["AccessKeyId"], issued.access_key_id.as_str(), "{v}");
+    assert_eq!(v["SecretAccessKey"], issued.secret_access_key.as_str());
+    assert_eq!(v["Token"], issued.session_token.as_str());
+    agent.stop(&env);
 }
