@@ -13,21 +13,21 @@ pub mod cert;
 pub mod client;
 pub mod commands;
 pub mod config;
-pub mod daemon;
+mod daemon;
 mod der;
 pub mod exit;
 pub mod keys;
 pub mod metrics;
 pub mod net;
 pub mod peer;
-pub mod refresh;
-pub mod sdnotify;
+mod refresh;
+mod sdnotify;
 pub mod server;
-pub mod sinks;
+mod sinks;
 pub mod source;
 pub mod state;
-pub mod tls;
-pub mod upstream;
+mod tls;
+mod upstream;
 
 /// What the cargo-fuzz targets in `fuzz/` reach beyond the public modules: the crate's DER
 /// reader. Only with the `fuzzing` feature; not an API.

@@ -95,14 +95,6 @@ impl UpstreamError {
             _ => None,
         }
     }
-
-    /// HTTP status, if the provider answered.
-    pub fn status(&self) -> Option<u16> {
-        match self {
-            UpstreamError::Exchange { error, .. } => error.status(),
-            _ => None,
-        }
-    }
 }
 
 /// The upstream: endpoint, TLS configuration, and one idle connection kept for reuse.
