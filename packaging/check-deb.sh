@@ -48,6 +48,10 @@ need -rw-r--r-- usr/lib/systemd/system/iotcred-tcp.socket
 need -rw-r--r-- usr/lib/sysusers.d/iotcred.conf
 need -rw-r--r-- usr/lib/tmpfiles.d/iotcred.conf
 need -rw-r--r-- usr/share/doc/iotcred/examples/config.toml
+need -rw-r--r-- usr/share/doc/iotcred/examples/systemd/iotcred0.netdev
+need -rw-r--r-- usr/share/doc/iotcred/examples/systemd/iotcred0.network
+need -rw-r--r-- usr/share/doc/iotcred/examples/systemd/containers.conf
+if grep -q ' \./usr/lib/systemd/network/' <<<"$listing"; then fail "ships an active systemd-networkd unit (iotcred0 must be opt-in)"; else pass "no active systemd-networkd unit"; fi
 if grep -q ' \./etc/' <<<"$listing"; then fail "ships files under /etc (config must come from the admin)"; else pass "nothing under /etc"; fi
 
 dpkg-deb -e "$DEB" "$W/control"

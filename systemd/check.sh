@@ -5,6 +5,9 @@
 #    (ExecStart= pointed at a real file: $IOTCRED_BIN, a built iotcred, or /bin/true);
 #  - sysusers.d and tmpfiles.d snippets applied to a scratch root (user, group, /run/iotcred
 #    owner and mode);
+#  - the systemd-networkd pair iotcred0.netdev/.network (no offline parser exists in systemd
+#    252: structure, interface name, and that every Address= is one the agent may bind, SPEC
+#    §4.5) and that dropins/containers.conf orders the agent after that interface;
 #  - `systemd-analyze security --offline=true` of the service: prints the exposure score and
 #    fails when it is above MAX_EXPOSURE (default 2.0).
 # Usage: systemd/check.sh        Exit status: 0 when every check passed.
@@ -91,6 +94,27 @@ if out=$(systemd-tmpfiles --root="$R" --create "$HERE/iotcred.tmpfiles" 2>&1) &&
   fi
 else
   fail "tmpfiles: /run/iotcred not created"; printf '%s\n' "$out" | sed 's/^/    /'
+fi
+
+# systemd-networkd dummy interface for containers (SPEC §4.5).
+nd="$HERE/iotcred0.netdev"; nw="$HERE/iotcred0.network"
+if grep -qx '\[NetDev\]' "$nd" && grep -qx 'Name=iotcred0' "$nd" && grep -qx 'Kind=dummy' "$nd"; then
+  pass "iotcred0.netdev: dummy interface iotcred0"
+else
+  fail "iotcred0.netdev: want [NetDev] Name=iotcred0 Kind=dummy"
+fi
+addrs=$(sed -n 's/^Address=//p' "$nw")
+bad=$(printf '%s\n' "$addrs" | grep -vxE '169\.254\.(170\.(2|23)|169\.254)/32|fd00:ec2::(23|254)/128' || true)
+if grep -qx '\[Match\]' "$nw" && grep -qx 'Name=iotcred0' "$nw" && grep -qx 'Address=169.254.170.2/32' "$nw" \
+   && [ -z "$bad" ] && ! grep -vE '^(#.*|\[(Match|Link|Network|Address)\]|[A-Za-z0-9]+=.*|)$' "$nw" >/dev/null; then
+  pass "iotcred0.network: $(printf '%s ' $addrs)on iotcred0"
+else
+  fail "iotcred0.network: want [Match] Name=iotcred0 and only §4.5 addresses (169.254.170.2/32 at least); unexpected: ${bad:-structure}"
+fi
+if grep -qx 'After=systemd-networkd-wait-online@iotcred0.service' "$HERE/dropins/containers.conf"; then
+  pass "dropins/containers.conf orders iotcred after iotcred0 is configured"
+else
+  fail "dropins/containers.conf: After=systemd-networkd-wait-online@iotcred0.service missing"
 fi
 
 # Fd names the socket units hand over (the agent tells them apart by socket type anyway).

@@ -67,6 +67,12 @@ impl TcpPeer {
         }
     }
 
+    /// Our address the connection arrived on (the listener's, for a listener bound to one
+    /// address).
+    pub fn local(&self) -> SocketAddr {
+        self.local
+    }
+
     /// The peer's address.
     pub fn remote(&self) -> SocketAddr {
         self.remote

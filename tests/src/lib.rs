@@ -17,6 +17,7 @@
 
 pub mod agent;
 pub mod hostile;
+pub mod netns;
 pub mod p11unplug;
 pub mod pki;
 pub mod provider;

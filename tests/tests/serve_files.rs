@@ -1,5 +1,6 @@
-//! Start-up side of the server: token files, the socket file and its mode, stale and busy
-//! sockets, loopback-only TCP, and systemd socket activation.
+//! Start-up side of the server: token files (and the per-role token directories of §4.5), the
+//! socket file and its mode, stale and busy sockets, loopback-or-link-local-only TCP, and
+//! systemd socket activation.
 
 mod serve_common;
 
@@ -22,8 +23,8 @@ fn mode_of(path: &std::path::Path) -> u32 {
 }
 
 #[tokio::test]
-async fn token_files_are_private_random_and_regenerated() {
-    let h = start(&[RoleSpec::new("default"), RoleSpec::new("telemetry")]).await;
+async fn token_files_are_private_random_and_kept_across_restarts() {
+    let mut h = start(&[RoleSpec::new("default"), RoleSpec::new("telemetry")]).await;
     let run = h.dir.path().join("run");
     let mut first = Vec::new();
     for role in ["default", "telemetry"] {
@@ -36,18 +37,31 @@ async fn token_files_are_private_random_and_regenerated() {
         assert!(text.len() >= 32, "at least 128 bits of hex");
         assert!(text.bytes().all(|b| b.is_ascii_hexdigit()));
         assert_eq!(text, h.token(role));
+        // The bind-mountable copy (§4.5): same value, same mode, alone in its 0750 directory.
+        let dir = run.join("tokens").join(role);
+        assert_eq!(mode_of(&dir), 0o750);
+        let names: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, ["token"]);
+        assert_eq!(std::fs::read_to_string(dir.join("token")).unwrap(), text);
+        assert_eq!(mode_of(&dir.join("token")), 0o640);
         first.push(text);
     }
     assert_ne!(first[0], first[1]);
     // No temp files left behind.
-    let names: Vec<String> = std::fs::read_dir(&run)
+    let mut names: Vec<String> = std::fs::read_dir(&run)
         .unwrap()
         .map(|e| e.unwrap().file_name().into_string().unwrap())
         .collect();
-    assert_eq!(names.len(), 2, "{names:?}");
+    names.sort();
+    assert_eq!(names, ["default.token", "telemetry.token", "tokens"]);
 
-    // A new start (the first stopped) writes new tokens over the old files.
-    let dir = h.dir.path().to_owned();
+    // A new start (the first stopped) keeps the valid tokens it finds, so running apps keep
+    // working; a damaged file is replaced by a new token. (The temp dir outlives the harness.)
+    let kept_dir = std::mem::replace(&mut h.dir, tempfile::tempdir().unwrap());
+    let dir = kept_dir.path().to_owned();
     let cfg = {
         let mut c = ServeConfig::new(dir.join("agent.sock"), run.clone());
         c.socket_mode = 0o600;
@@ -59,11 +73,30 @@ async fn token_files_are_private_random_and_regenerated() {
         .await
         .unwrap();
     let again = std::fs::read_to_string(run.join("default.token")).unwrap();
-    assert_ne!(again, first[0]);
+    assert_eq!(again, first[0]);
     assert_eq!(l.token("default").unwrap().as_str(), again);
     assert_eq!(mode_of(&run.join("default.token")), 0o640);
     // The token never shows in Debug output.
     assert!(!format!("{l:?}").contains(&again));
+    // `telemetry` is no longer configured: its token files are gone, its directory stays.
+    assert!(!run.join("telemetry.token").exists());
+    assert!(!run.join("tokens/telemetry/token").exists());
+    assert!(run.join("tokens/telemetry").is_dir());
+    drop(l);
+
+    std::fs::write(run.join("tokens/default/token"), "not a token").unwrap();
+    std::fs::write(run.join("default.token"), "not a token").unwrap();
+    let l = server::bind(&cfg, std::slice::from_ref(&handle))
+        .await
+        .unwrap();
+    let fresh = std::fs::read_to_string(run.join("default.token")).unwrap();
+    assert_ne!(fresh, first[0]);
+    assert_eq!(fresh.len(), 64);
+    assert_eq!(l.token("default").unwrap().as_str(), fresh);
+    assert_eq!(
+        std::fs::read_to_string(run.join("tokens/default/token")).unwrap(),
+        fresh
+    );
 }
 
 #[tokio::test]
@@ -122,10 +155,20 @@ async fn stale_socket_replaced_busy_socket_and_other_files_refused() {
 }
 
 #[tokio::test]
-async fn only_loopback_tcp_is_accepted() {
+async fn only_loopback_and_link_local_tcp_is_accepted() {
     let dir = tempfile::tempdir().unwrap();
     let (_p, handle) = role_channel("default", ScheduleConfig::default(), Clock::new(), &[], &[]);
-    for addr in ["0.0.0.0:0", "192.0.2.1:2773", "[::]:0"] {
+    // Neither a wildcard, nor a public or private address, nor the IMDS address (for the
+    // `[serve.imds]` listener only), nor a link-local address that is not one of §4.5.
+    for addr in [
+        "0.0.0.0:0",
+        "192.0.2.1:2773",
+        "[::]:0",
+        "169.254.169.254:80",
+        "169.254.170.3:80",
+        "[fd00:ec2::254]:80",
+        "[fe80::1]:80",
+    ] {
         let mut cfg = ServeConfig::new(dir.path().join("a.sock"), dir.path().join("run"));
         cfg.listen = Some(addr.parse().unwrap());
         let err = server::bind(&cfg, std::slice::from_ref(&handle))
@@ -144,6 +187,19 @@ async fn only_loopback_tcp_is_accepted() {
     match server::bind(&cfg, std::slice::from_ref(&handle)).await {
         Ok(l) => assert!(l.tcp_addr().unwrap().ip().is_loopback()),
         Err(e) => assert!(matches!(e, ServeError::Listen { .. }), "{e}"),
+    }
+    // A link-local address of §4.5 passes the check; when no interface carries it (the usual
+    // case on a test machine: the netns test adds it only for its own run), the error says
+    // what to install.
+    for addr in ["169.254.170.23:0", "[fd00:ec2::23]:0"] {
+        cfg.listen = Some(addr.parse().unwrap());
+        match server::bind(&cfg, std::slice::from_ref(&handle)).await {
+            Ok(l) => assert_eq!(l.tcp_addr().unwrap().ip(), cfg.listen.unwrap().ip()),
+            Err(e) => {
+                assert!(matches!(e, ServeError::AddressMissing(_)), "{addr}: {e}");
+                assert!(e.to_string().contains("iotcred0"), "{e}");
+            }
+        }
     }
 }
 
@@ -271,8 +327,14 @@ async fn reload_keeps_tokens_of_kept_roles_and_writes_new_ones() {
         old_default
     );
     assert!(!run.join("gone.token").exists());
+    assert!(!run.join("tokens/gone/token").exists());
+    assert!(run.join("tokens/gone").is_dir(), "kept for bind mounts");
     let added = std::fs::read_to_string(run.join("added.token")).unwrap();
     assert_eq!(mode_of(&run.join("added.token")), 0o640);
+    assert_eq!(
+        std::fs::read_to_string(run.join("tokens/added/token")).unwrap(),
+        added
+    );
 
     h.publish(0, "ASIADEFAULT", Duration::from_secs(3600));
     let r = h

@@ -17,7 +17,7 @@
 
 use rustls_pki_types::alg_id;
 
-use super::KeyError;
+use super::{KeyError, SignFailure};
 use crate::der::{self, EcCurve, SpkiKey};
 
 /// The attribute types a subject may carry.
@@ -202,9 +202,7 @@ pub(crate) fn build(
     let info = request_info(subject, spki);
     let signature = sign(&info)?;
     if !alg.verify(spki, &info, &signature) {
-        return Err(KeyError::Sign(
-            "the CSR signature does not verify with the key's own public key".into(),
-        ));
+        return Err(KeyError::Sign(SignFailure::SelfCheck));
     }
     Ok(der::sequence(&[
         &info,

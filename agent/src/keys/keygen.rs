@@ -20,7 +20,7 @@ use rustls::SignatureScheme;
 use super::csr::{self, AttrType, SignatureAlg, Subject};
 use super::pem;
 use super::pkcs11::{self, KeyKind};
-use super::{KeyError, KeySource, Pkcs11Uri};
+use super::{KeyError, KeySource, Pkcs11Uri, SignFailure};
 use crate::der::{self, EcCurve};
 
 /// The kind of key `keygen` makes.
@@ -143,7 +143,7 @@ fn keygen_pem(
         |info| {
             kp.sign(&rng, info)
                 .map(|sig| sig.as_ref().to_vec())
-                .map_err(|_| KeyError::Sign("ECDSA signing of the CSR failed".into()))
+                .map_err(|_| KeyError::Sign(SignFailure::Software))
         },
     )?;
     let key_pem = zeroize::Zeroizing::new(pem::encode("PRIVATE KEY", pkcs8.as_ref()));

@@ -259,7 +259,34 @@ pub enum KeyError {
     },
     /// Signing failed.
     #[error("signing with the device key failed: {0}")]
-    Sign(String),
+    Sign(#[from] SignFailure),
+}
+
+/// Why the device key did not sign.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SignFailure {
+    /// The PKCS#11 module refused or failed the operation.
+    #[error("the token answered {0}")]
+    Token(#[from] cryptoki::error::Error),
+    /// The session to the token was lost and could not be opened again.
+    #[error("no session with the token (it was lost and could not be reopened)")]
+    NoSession,
+    /// The signature scheme asked for does not fit the key.
+    #[error("scheme {scheme:?} does not fit a {kind} key")]
+    Scheme {
+        /// The scheme the peer asked for.
+        scheme: rustls::SignatureScheme,
+        /// The key's kind.
+        kind: &'static str,
+    },
+    /// The software (PEM) signer failed.
+    #[error("the software signer failed")]
+    Software,
+    /// A CSR signature did not verify with the key's own public key (a token that signs with
+    /// another key than the one it reports).
+    #[error("the CSR signature does not verify with the key's own public key")]
+    SelfCheck,
 }
 
 /// Loads the device key for rustls.

@@ -1,12 +1,13 @@
 //! Routing and answers of SPEC §4.1.
 //!
-//! Order of checks: (TCP only) 400 for a non-loopback `Host` or any `X-Forwarded-For` → 405 for
-//! anything but `GET` → 404 for an unknown route or role → 401 (TCP: token) → 403 (socket: peer
-//! credentials; TCP: peer uid of §4.6 when the role has `allow_uids`) → 503 when no credentials
-//! can be served. The query string and any request body
+//! Order of checks: (TCP only) 400 for a `Host` that does not name the listener (a loopback
+//! name on a loopback listener, the listener's own address on a link-local listener of §4.5) or
+//! any `X-Forwarded-For` → 405 for anything but `GET` → 404 for an unknown route or role → 401
+//! (TCP: token) → 403 (socket: peer credentials; TCP: peer uid of §4.6 when the role has
+//! `allow_uids`) → 503 when no credentials can be served. The query string and any request body
 //! are ignored.
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::{Arc, Mutex, Weak};
 
 use bytes::Buf;
@@ -28,8 +29,9 @@ use crate::state::{RoleHandle, Served};
 /// Who is on the other end of a connection.
 #[derive(Clone, Debug)]
 pub(super) enum Peer {
-    /// The loopback TCP listener: token authorization, `Host` checks, and the peer's uid
-    /// (§4.6) for roles with `allow_uids`.
+    /// The TCP listener (loopback or link-local, §4.5): token authorization, `Host` checks
+    /// against the connection's local address, and the peer's uid (§4.6) for roles with
+    /// `allow_uids`.
     Tcp(Arc<TcpPeer>),
     /// The IMDS listener (§4.4).
     Imds(Arc<TcpPeer>),
@@ -181,8 +183,10 @@ async fn route(
         Some(Target::Metrics) => Route::Metrics,
         None => Route::Other,
     };
-    if matches!(peer, Peer::Tcp(_)) && !loopback_request(req) {
-        return (route, error(StatusCode::BAD_REQUEST, BAD_REQUEST));
+    if let Peer::Tcp(tcp) = peer {
+        if !loopback_request(req, tcp.local().ip()) {
+            return (route, error(StatusCode::BAD_REQUEST, BAD_REQUEST));
+        }
     }
     if req.method() != Method::GET {
         let mut r = error(StatusCode::METHOD_NOT_ALLOWED, METHOD_NOT_ALLOWED);
@@ -201,24 +205,53 @@ async fn route(
     (route, resp)
 }
 
-/// TCP only: `Host` (and an absolute-form target's authority) must be a loopback name or
-/// address, and no `X-Forwarded-For` may be present — this defeats DNS rebinding and requests
-/// relayed by a proxy on the device.
-fn loopback_request(req: &Request<Incoming>) -> bool {
+/// TCP only: `Host` (and an absolute-form target's authority) must name the listener (see
+/// [`listener_host`]), and no `X-Forwarded-For` may be present — this defeats DNS rebinding
+/// and requests relayed by a proxy on the device.
+fn loopback_request(req: &Request<Incoming>, local: IpAddr) -> bool {
     let headers = req.headers();
     if headers.contains_key("x-forwarded-for") {
         return false;
     }
     let mut hosts = headers.get_all(header::HOST).iter();
     let host_ok = match (hosts.next(), hosts.next()) {
-        (Some(h), None) => h.to_str().map(loopback_host).unwrap_or(false),
+        (Some(h), None) => h.to_str().is_ok_and(|h| listener_host(h, local)),
         _ => false,
     };
     host_ok
         && req
             .uri()
             .authority()
-            .is_none_or(|a| loopback_host(a.as_str()))
+            .is_none_or(|a| listener_host(a.as_str(), local))
+}
+
+/// Whether `host` (a `Host` value, optional port) names a listener whose connection arrived on
+/// `local`: on a loopback listener, a loopback name or address ([`loopback_host`]); on a
+/// link-local listener of §4.5, that very address (IPv6 in brackets), and nothing else.
+pub(super) fn listener_host(host: &str, local: IpAddr) -> bool {
+    let local = local.to_canonical();
+    if local.is_loopback() {
+        return loopback_host(host);
+    }
+    if !crate::config::Listener::Imds.allows(local) {
+        return false;
+    }
+    if let Some(rest) = host.strip_prefix('[') {
+        let Some((addr, after)) = rest.split_once(']') else {
+            return false;
+        };
+        return (after.is_empty() || after.strip_prefix(':').is_some_and(port))
+            && addr
+                .parse::<Ipv6Addr>()
+                .is_ok_and(|a| IpAddr::V6(a) == local);
+    }
+    let name = match host.split_once(':') {
+        Some((name, p)) if port(p) => name,
+        Some(_) => return false,
+        None => host,
+    };
+    name.parse::<Ipv4Addr>()
+        .is_ok_and(|a| IpAddr::V4(a) == local)
 }
 
 /// `localhost`, `127.x.y.z` or `[::1]`, each with an optional port.
@@ -385,7 +418,7 @@ fn metrics(shared: &Shared) -> Response<Body> {
     r
 }
 
-const BAD_REQUEST: &str = r#"{"code":"BadRequest","message":"requests on the TCP listener must use a loopback Host (localhost, 127.0.0.1 or [::1]) and no X-Forwarded-For"}"#;
+const BAD_REQUEST: &str = r#"{"code":"BadRequest","message":"requests on the TCP listener must name it in Host (localhost, 127.0.0.1 or [::1] on loopback; the listener's own address, e.g. 169.254.170.2, on a link-local listener) and carry no X-Forwarded-For"}"#;
 const METHOD_NOT_ALLOWED: &str = r#"{"code":"MethodNotAllowed","message":"only GET is allowed"}"#;
 const NOT_FOUND: &str = r#"{"code":"NotFound","message":"no such route; use /v1/credentials, /v1/credentials/{role}, /v1/health or /v1/metrics"}"#;
 const UNKNOWN_ROLE: &str = r#"{"code":"NotFound","message":"unknown role; the configured roles are listed by /v1/health"}"#;
@@ -455,6 +488,91 @@ mod tests {
             "0.0.0.0",
         ] {
             assert!(!loopback_host(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn loopback_listener_accepts_loopback_names_only() {
+        for local in ["127.0.0.1", "::1", "::ffff:127.0.0.1"] {
+            let local: IpAddr = local.parse().unwrap();
+            for ok in ["localhost:2773", "127.0.0.1", "[::1]:2773"] {
+                assert!(listener_host(ok, local), "{ok} on {local}");
+            }
+            for bad in ["169.254.170.2", "169.254.170.2:80", "evil.example", ""] {
+                assert!(!listener_host(bad, local), "{bad} on {local}");
+            }
+        }
+    }
+
+    #[test]
+    fn link_local_listener_accepts_its_own_address_only() {
+        let ecs: IpAddr = "169.254.170.2".parse().unwrap();
+        for ok in ["169.254.170.2", "169.254.170.2:80", "169.254.170.2:2773"] {
+            assert!(listener_host(ok, ecs), "{ok}");
+        }
+        // The same listener reached through an IPv4-mapped local address.
+        assert!(listener_host(
+            "169.254.170.2:80",
+            "::ffff:169.254.170.2".parse().unwrap()
+        ));
+        for bad in [
+            "",
+            "localhost",
+            "127.0.0.1:2773",
+            "[::1]",
+            "169.254.170.23",
+            "169.254.170.2:",
+            "169.254.170.2:x",
+            "169.254.170.2:80:80",
+            "169.254.170.02",
+            "[169.254.170.2]",
+            "evil.example",
+            "169.254.170.2.evil.example",
+            "[::ffff:169.254.170.2]",
+        ] {
+            assert!(!listener_host(bad, ecs), "{bad:?}");
+        }
+
+        let eks: IpAddr = "fd00:ec2::23".parse().unwrap();
+        for ok in [
+            "[fd00:ec2::23]",
+            "[fd00:ec2::23]:2773",
+            "[FD00:EC2:0::23]:80",
+        ] {
+            assert!(listener_host(ok, eks), "{ok}");
+        }
+        for bad in [
+            "fd00:ec2::23",
+            "[fd00:ec2::23",
+            "[fd00:ec2::23]x",
+            "[fd00:ec2::23]:",
+            "[fd00:ec2::254]",
+            "169.254.170.23",
+            "localhost",
+            "[::1]",
+        ] {
+            assert!(!listener_host(bad, eks), "{bad:?}");
+        }
+
+        let imds: IpAddr = "169.254.169.254".parse().unwrap();
+        assert!(listener_host("169.254.169.254", imds));
+        assert!(!listener_host("169.254.170.2", imds));
+    }
+
+    #[test]
+    fn any_other_local_address_accepts_nothing() {
+        // Never bound (start-up refuses it), but the check does not lean on that.
+        for local in ["10.0.0.1", "0.0.0.0", "192.168.1.2", "fe80::1"] {
+            let local: IpAddr = local.parse().unwrap();
+            for host in [
+                "10.0.0.1",
+                "0.0.0.0",
+                "192.168.1.2",
+                "[fe80::1]",
+                "localhost",
+            ] {
+                assert!(!listener_host(host, local), "{host} on {local}");
+            }
         }
     }
 }

@@ -87,6 +87,10 @@ impl Imds {
 /// carries it, and accepted sockets inherit it), and draws the token key.
 pub(super) async fn bind(cfg: &ImdsConfig) -> Result<(TcpListener, Arc<Imds>), ServeError> {
     let addr = cfg.listen;
+    // Defence in depth: the configuration refused anything else already (SPEC §4.5, §7).
+    if !crate::config::Listener::Imds.allows(addr.ip()) {
+        return Err(ServeError::ImdsNotAllowed(addr));
+    }
     let err = |source| ServeError::ImdsListen { addr, source };
     let socket = if addr.is_ipv4() {
         TcpSocket::new_v4()
@@ -96,7 +100,9 @@ pub(super) async fn bind(cfg: &ImdsConfig) -> Result<(TcpListener, Arc<Imds>), S
     .map_err(err)?;
     socket.set_reuseaddr(true).map_err(err)?;
     set_hop_limit(&socket, addr.is_ipv4(), cfg.hop_limit).map_err(err)?;
-    socket.bind(addr).map_err(err)?;
+    socket
+        .bind(addr)
+        .map_err(|source| super::listen::bind_error(addr, source, err))?;
     let listener = socket.listen(1024).map_err(err)?;
     let imds = Imds {
         cfg: cfg.clone(),

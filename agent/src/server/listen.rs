@@ -1,5 +1,6 @@
 //! Creating the listeners: the Unix socket (with its final mode from the start), the optional
-//! loopback TCP listener, systemd socket activation, and the per-role token files.
+//! TCP listener (loopback or a link-local address of SPEC §4.5), systemd socket activation,
+//! and the per-role token files.
 
 use std::fs;
 use std::io::{self, Write as _};
@@ -14,6 +15,7 @@ use tokio::net::{TcpListener, UnixListener};
 use zeroize::Zeroizing;
 
 use super::{Listeners, ServeConfig, ServeError, Token};
+use crate::config::Listener;
 use crate::state::RoleHandle;
 
 /// Listening sockets handed over by systemd (`LISTEN_PID`/`LISTEN_FDS`/`LISTEN_FDNAMES`).
@@ -135,7 +137,7 @@ pub(super) async fn bind_with(
     activation: Option<Activation>,
 ) -> Result<Listeners, ServeError> {
     if let Some(addr) = cfg.listen {
-        check_loopback(addr)?;
+        check_listen(addr)?;
     }
     let mut unix = None;
     let mut tcp = None;
@@ -152,7 +154,7 @@ pub(super) async fn bind_with(
             Kind::Tcp if tcp.is_none() => {
                 let l = std::net::TcpListener::from(fd);
                 let addr = l.local_addr().map_err(ServeError::activation_io)?;
-                check_loopback(addr)?;
+                check_listen(addr)?;
                 l.set_nonblocking(true).map_err(ServeError::activation_io)?;
                 tcp = Some(TcpListener::from_std(l).map_err(ServeError::activation_io)?);
             }
@@ -173,15 +175,14 @@ pub(super) async fn bind_with(
     }
     if tcp.is_none() {
         if let Some(addr) = cfg.listen {
-            tcp = Some(
-                TcpListener::bind(addr)
-                    .await
-                    .map_err(|source| ServeError::Listen { addr, source })?,
-            );
+            tcp = Some(TcpListener::bind(addr).await.map_err(|source| {
+                bind_error(addr, source, |source| ServeError::Listen { addr, source })
+            })?);
         }
     }
 
     let tokens = write_tokens(&cfg.runtime_dir, roles)?;
+    prune_tokens(&cfg.runtime_dir, roles);
     Ok(Listeners {
         unix,
         tcp,
@@ -192,8 +193,26 @@ pub(super) async fn bind_with(
     })
 }
 
-fn check_loopback(addr: SocketAddr) -> Result<(), ServeError> {
-    if addr.ip().is_loopback() {
+/// What a failed bind of `addr` means for the user: a link-local address that no interface
+/// carries, a privileged port, or else `other`.
+pub(super) fn bind_error(
+    addr: SocketAddr,
+    source: io::Error,
+    other: impl FnOnce(io::Error) -> ServeError,
+) -> ServeError {
+    if source.kind() == io::ErrorKind::AddrNotAvailable && !addr.ip().is_loopback() {
+        ServeError::AddressMissing(addr)
+    } else if source.kind() == io::ErrorKind::PermissionDenied && addr.port() < 1024 {
+        ServeError::PrivilegedPort(addr)
+    } else {
+        other(source)
+    }
+}
+
+/// Refuses (again, after the configuration did) any address but loopback and the link-local
+/// addresses of §4.5; also applied to a TCP socket passed by systemd.
+fn check_listen(addr: SocketAddr) -> Result<(), ServeError> {
+    if Listener::Credentials.allows(addr.ip()) {
         Ok(())
     } else {
         Err(ServeError::NotLoopback(addr))
@@ -318,8 +337,22 @@ fn bind_unix(path: &Path, mode: u32) -> Result<(UnixListener, SocketId), ServeEr
     ))
 }
 
-/// Generates a new token for every role and writes `<runtime_dir>/<role>.token` (mode 0640 from
-/// creation, no trailing newline, atomically replaced).
+/// Name of the directory under `runtime_dir` that holds one directory per role, each holding
+/// only `token` (SPEC §4.5: meant to be bind-mounted into containers).
+pub const TOKEN_DIRS: &str = "tokens";
+
+/// Mode of the token files.
+const TOKEN_FILE_MODE: u32 = 0o640;
+/// Mode of `tokens/` and `tokens/<role>/` (group: the agent's, `iotcred` under systemd).
+const TOKEN_DIR_MODE: u32 = 0o750;
+/// Length of a token as [`Token::generate`] makes it (256 bits as lowercase hex).
+const TOKEN_LEN: usize = 64;
+
+/// Writes every role's token to `<runtime_dir>/<role>.token` and
+/// `<runtime_dir>/tokens/<role>/token` (mode 0640 from creation, no trailing newline, each
+/// atomically replaced). The token is the one already on disk when that is valid (see
+/// [`read_token`]; the `tokens/` copy first, then `<role>.token`), else a new random one, so a
+/// restart does not break running apps and containers.
 pub(super) fn write_tokens(
     runtime_dir: &Path,
     roles: &[RoleHandle],
@@ -336,22 +369,184 @@ pub(super) fn write_tokens(
     }
     roles
         .iter()
-        .map(|role| {
-            let name: &str = &role.name;
-            if name.is_empty() || name.starts_with('.') || name.contains(['/', '\0']) {
-                return Err(ServeError::BadRoleName(name.to_owned()));
-            }
-            let token = Token::generate()?;
-            let path = runtime_dir.join(format!("{name}.token"));
-            write_atomic(&path, token.as_bytes(), 0o640).map_err(|source| {
-                ServeError::TokenFile {
-                    path: path.clone(),
-                    source,
-                }
-            })?;
-            Ok((role.name.clone(), token))
-        })
+        .map(|role| Ok((role.name.clone(), role_token(runtime_dir, &role.name)?)))
         .collect()
+}
+
+/// The token of role `name`: kept from disk when valid, else new; written to both files.
+fn role_token(runtime_dir: &Path, name: &str) -> Result<Token, ServeError> {
+    if name.is_empty() || name.starts_with('.') || name.contains(['/', '\0']) {
+        return Err(ServeError::BadRoleName(name.to_owned()));
+    }
+    let dirs = runtime_dir.join(TOKEN_DIRS);
+    let dir = dirs.join(name);
+    for d in [&dirs, &dir] {
+        private_dir(d).map_err(|source| ServeError::TokenFile {
+            path: d.clone(),
+            source,
+        })?;
+    }
+    let mounted = dir.join("token");
+    let flat = runtime_dir.join(format!("{name}.token"));
+    let kept = [&mounted, &flat]
+        .into_iter()
+        .find_map(|path| match read_token(path) {
+            Ok(token) => Some(token),
+            Err(TokenRejected::Missing) => None,
+            Err(why) => {
+                tracing::info!(
+                    role = name,
+                    "token file {} {why}; not reusing it",
+                    path.display()
+                );
+                None
+            }
+        });
+    let token = match kept {
+        Some(t) => t,
+        None => Token::generate()?,
+    };
+    for path in [&mounted, &flat] {
+        write_atomic(path, token.as_bytes(), TOKEN_FILE_MODE).map_err(|source| {
+            ServeError::TokenFile {
+                path: path.clone(),
+                source,
+            }
+        })?;
+    }
+    Ok(token)
+}
+
+/// Deletes the token files of roles that are no longer configured: `<name>.token` for every
+/// `tokens/<name>/` directory whose role is not in `roles`, and that directory's `token`. The
+/// directories themselves stay (empty), so a container's bind mount of one sees the token again
+/// if the role comes back. Best effort: failures are logged.
+pub(super) fn prune_tokens(runtime_dir: &Path, roles: &[RoleHandle]) {
+    prune_tokens_except(runtime_dir, |name| roles.iter().any(|r| &*r.name == name));
+}
+
+fn prune_tokens_except(runtime_dir: &Path, keep: impl Fn(&str) -> bool) {
+    let Ok(entries) = fs::read_dir(runtime_dir.join(TOKEN_DIRS)) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let Some(name) = name.to_str() else { continue };
+        if name.starts_with('.') || keep(name) {
+            continue;
+        }
+        if e.file_type().is_ok_and(|t| t.is_dir()) {
+            remove_token(runtime_dir, name);
+        }
+    }
+}
+
+/// Deletes both token files of role `name` (keeping its `tokens/<name>/` directory).
+pub(super) fn remove_token(runtime_dir: &Path, name: &str) {
+    for path in [
+        runtime_dir.join(TOKEN_DIRS).join(name).join("token"),
+        runtime_dir.join(format!("{name}.token")),
+    ] {
+        match fs::remove_file(&path) {
+            Ok(()) => tracing::info!(role = name, "removed token file {}", path.display()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => tracing::warn!(
+                role = name,
+                "cannot remove token file {}: {e}",
+                path.display()
+            ),
+        }
+    }
+}
+
+/// Creates `dir` (one level) with mode 0750, or checks an existing one is a directory (not a
+/// symlink) and sets its mode to 0750.
+fn private_dir(dir: &Path) -> io::Result<()> {
+    match fs::DirBuilder::new().mode(TOKEN_DIR_MODE).create(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+            if !fs::symlink_metadata(dir)?.is_dir() {
+                return Err(io::Error::other("exists and is not a directory"));
+            }
+        }
+        Err(e) => return Err(e),
+    }
+    // The umask (0077 under systemd) narrowed the creation mode; widen to exactly 0750.
+    fs::set_permissions(dir, fs::Permissions::from_mode(TOKEN_DIR_MODE))
+}
+
+/// Why a token file on disk is not reused.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub(super) enum TokenRejected {
+    /// There is no such file.
+    #[error("does not exist")]
+    Missing,
+    /// It cannot be opened or read (or is a symlink).
+    #[error("cannot be read ({0})")]
+    Unreadable(io::ErrorKind),
+    /// Not a regular file.
+    #[error("is not a regular file")]
+    NotAFile,
+    /// Owned by another user than the agent.
+    #[error("is owned by another user")]
+    Owner,
+    /// Readable or writable beyond owner read-write, group read.
+    #[error("has a mode wider than 0640")]
+    Mode,
+    /// Not a token the agent makes (length or characters).
+    #[error("does not hold a valid token")]
+    Format,
+}
+
+/// Reads a token file left by an earlier run. It is reused only when it is a regular file (not
+/// a symlink) owned by the agent's user, with no permission beyond 0640, holding exactly 64
+/// lowercase hex digits (no newline): what the agent writes. Anything else may have been
+/// tampered with or exposed, and is replaced by a new token.
+pub(super) fn read_token(path: &Path) -> Result<Token, TokenRejected> {
+    use std::io::Read as _;
+    let f = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)
+        .map_err(|e| match e.kind() {
+            io::ErrorKind::NotFound => TokenRejected::Missing,
+            k => TokenRejected::Unreadable(k),
+        })?;
+    let meta = f
+        .metadata()
+        .map_err(|e| TokenRejected::Unreadable(e.kind()))?;
+    if !meta.file_type().is_file() {
+        return Err(TokenRejected::NotAFile);
+    }
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    if meta.uid() != unsafe { libc::geteuid() } {
+        return Err(TokenRejected::Owner);
+    }
+    if meta.mode() & 0o7777 & !TOKEN_FILE_MODE != 0 {
+        return Err(TokenRejected::Mode);
+    }
+    if meta.len() != TOKEN_LEN as u64 {
+        return Err(TokenRejected::Format);
+    }
+    let mut text = Zeroizing::new(String::with_capacity(TOKEN_LEN + 1));
+    f.take(TOKEN_LEN as u64 + 1)
+        .read_to_string(&mut text)
+        .map_err(|e| match e.kind() {
+            io::ErrorKind::InvalidData => TokenRejected::Format,
+            k => TokenRejected::Unreadable(k),
+        })?;
+    if !valid_token_text(&text) {
+        return Err(TokenRejected::Format);
+    }
+    Ok(Token(text))
+}
+
+/// Exactly what [`Token::generate`] makes: 64 lowercase hex digits.
+fn valid_token_text(text: &str) -> bool {
+    text.len() == TOKEN_LEN
+        && text
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 /// Writes `data` to `path` through a temp file in the same directory created with `mode`,
@@ -406,5 +601,214 @@ impl Token {
     fn generate() -> Result<Token, ServeError> {
         let bytes = Zeroizing::new(random::<32>()?);
         Ok(Token(Zeroizing::new(hex(&*bytes))))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mode_of(p: &Path) -> u32 {
+        fs::symlink_metadata(p).unwrap().mode() & 0o7777
+    }
+
+    fn files(dir: &Path) -> Vec<String> {
+        let mut v: Vec<String> = fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn both_token_files_hold_one_value_with_final_modes() {
+        let d = tempfile::tempdir().unwrap();
+        let run = d.path();
+        let t = role_token(run, "default").unwrap();
+        assert!(valid_token_text(t.as_str()));
+        let flat = run.join("default.token");
+        let mounted = run.join("tokens/default/token");
+        assert_eq!(fs::read_to_string(&flat).unwrap(), t.as_str());
+        assert_eq!(fs::read_to_string(&mounted).unwrap(), t.as_str());
+        assert_eq!(mode_of(&flat), 0o640);
+        assert_eq!(mode_of(&mounted), 0o640);
+        assert_eq!(mode_of(&run.join("tokens")), 0o750);
+        assert_eq!(mode_of(&run.join("tokens/default")), 0o750);
+        // The role's directory holds only `token` (no temp file left).
+        assert_eq!(files(&run.join("tokens/default")), ["token"]);
+    }
+
+    #[test]
+    fn a_valid_token_is_kept_and_rewritten_to_both_paths() {
+        let d = tempfile::tempdir().unwrap();
+        let run = d.path();
+        let first = role_token(run, "r").unwrap().as_str().to_owned();
+        let again = role_token(run, "r").unwrap();
+        assert_eq!(again.as_str(), first, "kept across restarts");
+
+        // Only the flat file left (e.g. an earlier version of the agent): kept, and the
+        // mounted copy is written with it.
+        fs::remove_file(run.join("tokens/r/token")).unwrap();
+        assert_eq!(role_token(run, "r").unwrap().as_str(), first);
+        assert_eq!(
+            fs::read_to_string(run.join("tokens/r/token")).unwrap(),
+            first
+        );
+
+        // The mounted copy wins when the two differ (containers cannot be told of a change).
+        let other = "0123456789abcdef".repeat(4);
+        write_atomic(&run.join("tokens/r/token"), other.as_bytes(), 0o640).unwrap();
+        assert_eq!(role_token(run, "r").unwrap().as_str(), other);
+        assert_eq!(fs::read_to_string(run.join("r.token")).unwrap(), other);
+
+        // A narrower mode (0600, 0400) is fine, and is reset to 0640.
+        fs::set_permissions(run.join("r.token"), fs::Permissions::from_mode(0o400)).unwrap();
+        fs::set_permissions(
+            run.join("tokens/r/token"),
+            fs::Permissions::from_mode(0o600),
+        )
+        .unwrap();
+        assert_eq!(role_token(run, "r").unwrap().as_str(), other);
+        assert_eq!(mode_of(&run.join("r.token")), 0o640);
+        assert_eq!(mode_of(&run.join("tokens/r/token")), 0o640);
+    }
+
+    #[test]
+    fn an_invalid_token_file_is_replaced() {
+        let d = tempfile::tempdir().unwrap();
+        let run = d.path();
+        let good = "0123456789abcdef".repeat(4);
+        let cases: Vec<(&str, Vec<u8>, u32, TokenRejected)> = vec![
+            (
+                "short",
+                b"0123456789abcdef".to_vec(),
+                0o640,
+                TokenRejected::Format,
+            ),
+            (
+                "newline",
+                format!("{good}\n").into(),
+                0o640,
+                TokenRejected::Format,
+            ),
+            (
+                "upper",
+                good.to_uppercase().into(),
+                0o640,
+                TokenRejected::Format,
+            ),
+            (
+                "not-hex",
+                "g".repeat(64).into(),
+                0o640,
+                TokenRejected::Format,
+            ),
+            ("empty", Vec::new(), 0o640, TokenRejected::Format),
+            (
+                "world-readable",
+                good.clone().into(),
+                0o644,
+                TokenRejected::Mode,
+            ),
+            (
+                "group-writable",
+                good.clone().into(),
+                0o660,
+                TokenRejected::Mode,
+            ),
+        ];
+        for (name, data, mode, why) in &cases {
+            let dir = run.join(TOKEN_DIRS).join(name);
+            fs::create_dir_all(&dir).unwrap();
+            for p in [dir.join("token"), run.join(format!("{name}.token"))] {
+                write_atomic(&p, data, *mode).unwrap();
+                assert_eq!(read_token(&p).unwrap_err(), *why, "{name}");
+            }
+            let t = role_token(run, name).unwrap();
+            assert_ne!(t.as_str().as_bytes(), &data[..], "{name}");
+            assert!(valid_token_text(t.as_str()), "{name}");
+            assert_eq!(read_token(&dir.join("token")).unwrap().as_str(), t.as_str());
+        }
+
+        // Owned by another user: as root the test can make one.
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } == 0 {
+            let p = run.join("owner.token");
+            write_atomic(&p, good.as_bytes(), 0o640).unwrap();
+            std::os::unix::fs::chown(&p, Some(1), None).unwrap();
+            assert_eq!(read_token(&p).unwrap_err(), TokenRejected::Owner);
+        }
+
+        // A symlink is never followed (even to a valid token), a directory is not a file.
+        let target = run.join("elsewhere");
+        write_atomic(&target, good.as_bytes(), 0o640).unwrap();
+        let link = run.join("link.token");
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        assert!(matches!(
+            read_token(&link),
+            Err(TokenRejected::Unreadable(_))
+        ));
+        fs::create_dir(run.join("dir.token")).unwrap();
+        assert!(read_token(&run.join("dir.token")).is_err());
+        assert_eq!(
+            read_token(&run.join("missing.token")).unwrap_err(),
+            TokenRejected::Missing
+        );
+        let t = role_token(run, "link").unwrap();
+        assert_ne!(t.as_str(), good);
+        assert_eq!(
+            fs::read_to_string(&target).unwrap(),
+            good,
+            "target untouched"
+        );
+        assert!(!fs::symlink_metadata(&link).unwrap().is_symlink());
+    }
+
+    #[test]
+    fn bad_role_names_and_a_file_in_place_of_the_directory() {
+        let d = tempfile::tempdir().unwrap();
+        let run = d.path();
+        for bad in ["", ".hidden", "a/b", "..", "a\0b"] {
+            assert!(matches!(
+                role_token(run, bad),
+                Err(ServeError::BadRoleName(_))
+            ));
+        }
+        fs::create_dir_all(run.join(TOKEN_DIRS)).unwrap();
+        fs::write(run.join("tokens/x"), b"").unwrap();
+        assert!(matches!(
+            role_token(run, "x"),
+            Err(ServeError::TokenFile { .. })
+        ));
+    }
+
+    #[test]
+    fn pruning_removes_token_files_of_other_roles_and_keeps_their_directories() {
+        let d = tempfile::tempdir().unwrap();
+        let run = d.path();
+        let kept = role_token(run, "kept").unwrap().as_str().to_owned();
+        let gone = role_token(run, "gone").unwrap().as_str().to_owned();
+        fs::write(run.join("unrelated.token"), b"not ours").unwrap();
+        prune_tokens_except(run, |n| n == "kept");
+        assert_eq!(fs::read_to_string(run.join("kept.token")).unwrap(), kept);
+        assert!(run.join("tokens/kept/token").exists());
+        assert!(!run.join("gone.token").exists());
+        assert!(!run.join("tokens/gone/token").exists());
+        assert!(
+            run.join("tokens/gone").is_dir(),
+            "directory stays for bind mounts"
+        );
+        assert!(
+            run.join("unrelated.token").exists(),
+            "no tokens/ dir: not ours"
+        );
+        // The role comes back: a new token, in the same directory.
+        let back = role_token(run, "gone").unwrap();
+        assert_ne!(back.as_str(), gone);
+        assert_eq!(
+            fs::read_to_string(run.join("tokens/gone/token")).unwrap(),
+            back.as_str()
+        );
     }
 }

@@ -31,7 +31,7 @@ use tokio::sync::{Semaphore, mpsc, watch};
 use zeroize::Zeroizing;
 
 pub use imds::ImdsConfig;
-pub use listen::{Activation, parse_listen_env};
+pub use listen::{Activation, TOKEN_DIRS, parse_listen_env};
 
 use crate::metrics::Metrics;
 use crate::peer::TcpPeer;
@@ -47,9 +47,10 @@ pub struct ServeConfig {
     pub socket: PathBuf,
     /// Mode of the socket file, e.g. `0o660`.
     pub socket_mode: u32,
-    /// Optional loopback TCP listener (ignored when systemd passes a TCP socket).
+    /// Optional TCP listener: loopback, or a link-local address of SPEC §4.5 (ignored when
+    /// systemd passes a TCP socket).
     pub listen: Option<SocketAddr>,
-    /// Where `<role>.token` files are written.
+    /// Where `<role>.token` files and the `tokens/<role>/token` directories are written.
     pub runtime_dir: PathBuf,
     /// Longest a credentials request waits for a fetch under way (`timeout_seconds`).
     pub request_wait: Duration,
@@ -113,11 +114,30 @@ struct Limits {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum ServeError {
-    /// `listen` is not a loopback address.
+    /// `listen` is neither loopback nor a link-local address of SPEC §4.5.
     #[error(
-        "serve.listen = {0}: only loopback addresses are allowed (use 127.0.0.1:PORT or [::1]:PORT)"
+        "serve.listen = {0}: only loopback (127.0.0.1:PORT, [::1]:PORT) or the container \
+         addresses 169.254.170.2, 169.254.170.23, [fd00:ec2::23] are allowed"
     )]
     NotLoopback(SocketAddr),
+    /// `[serve.imds] listen` is neither loopback nor a link-local address of SPEC §4.5.
+    #[error(
+        "serve.imds.listen = {0}: only loopback or the link-local addresses 169.254.169.254, \
+         [fd00:ec2::254], 169.254.170.2, 169.254.170.23, [fd00:ec2::23] are allowed"
+    )]
+    ImdsNotAllowed(SocketAddr),
+    /// A link-local listen address is not configured on any interface of the host.
+    #[error(
+        "cannot listen on {0}: the address is not on this host; install the iotcred0 \
+         dummy interface (systemd/iotcred0.netdev, iotcred0.network) and order iotcred after it"
+    )]
+    AddressMissing(SocketAddr),
+    /// Binding a port below 1024 needs a privilege the agent does not have.
+    #[error(
+        "cannot listen on {0}: ports below 1024 need privilege, which the agent does not have; \
+         use a port from 1024 up (it goes in the URL), or let systemd bind it (iotcred-tcp.socket)"
+    )]
+    PrivilegedPort(SocketAddr),
     /// Binding the TCP listener failed.
     #[error("cannot listen on {addr}: {source}; is another agent using the port?")]
     Listen {
@@ -285,7 +305,9 @@ impl ServerState {
     }
 
     /// Replaces the served roles (configuration reload). Roles that stay keep their token; a
-    /// new role gets a new token file; the token file of a removed role is deleted.
+    /// new role gets a token file (a valid one left on disk is kept); the token files of a
+    /// removed role are deleted (its `tokens/<role>/` directory stays, empty, so a bind mount
+    /// of it sees the new token if the role comes back).
     pub fn set_roles(&self, roles: Vec<RoleHandle>) {
         let old = self.table();
         let tokens = roles
@@ -307,7 +329,7 @@ impl ServerState {
             .collect();
         for o in old.roles.iter() {
             if !roles.iter().any(|r| r.name == o.name) {
-                let _ = std::fs::remove_file(self.runtime_dir.join(format!("{}.token", o.name)));
+                listen::remove_token(&self.runtime_dir, &o.name);
             }
         }
         self.replace(RoleTable {

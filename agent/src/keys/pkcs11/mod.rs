@@ -34,6 +34,17 @@ pub enum KeyKind {
     Rsa(usize),
 }
 
+impl KeyKind {
+    /// The kind's name in messages: `EC P-256`, `EC P-384` or `RSA`.
+    pub fn name(self) -> &'static str {
+        match self {
+            KeyKind::EcP256 => "EC P-256",
+            KeyKind::EcP384 => "EC P-384",
+            KeyKind::Rsa(_) => "RSA",
+        }
+    }
+}
+
 /// Attributes of the private key object, as the token reports them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct KeyAttributes {

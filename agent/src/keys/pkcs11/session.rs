@@ -39,7 +39,7 @@ use zeroize::Zeroizing;
 
 use super::KeyKind;
 use super::lookup::{describe_key, find_private_key, find_token};
-use crate::keys::{KeyError, PinSource, Pkcs11Uri};
+use crate::keys::{KeyError, PinSource, Pkcs11Uri, SignFailure};
 
 /// Runs a blocking token call so that it never occupies an async worker (see the module
 /// documentation).
@@ -338,10 +338,10 @@ impl KeySession {
                     self.reopen(&mut state, &e)?;
                     let open = state
                         .as_ref()
-                        .ok_or_else(|| KeyError::Sign("no session".into()))?;
-                    f(open).map_err(|e| KeyError::Sign(e.to_string()))
+                        .ok_or(KeyError::Sign(SignFailure::NoSession))?;
+                    f(open).map_err(|e| KeyError::Sign(e.into()))
                 }
-                Err(e) => Err(KeyError::Sign(e.to_string())),
+                Err(e) => Err(KeyError::Sign(e.into())),
             }
         })
     }

@@ -23,7 +23,7 @@ use rustls_pki_types::SubjectPublicKeyInfoDer;
 use super::session::KeySession;
 use super::{KeyKind, Pkcs11Key};
 use crate::der;
-use crate::keys::KeyError;
+use crate::keys::{KeyError, SignFailure};
 
 impl SigningKey for Pkcs11Key {
     fn choose_scheme(&self, offered: &[SignatureScheme]) -> Option<Box<dyn Signer>> {
@@ -72,12 +72,11 @@ impl Pkcs11Key {
 
     /// Signs `message` with `scheme` (hashing it first). ECDSA signatures are DER.
     pub fn sign_with(&self, scheme: SignatureScheme, message: &[u8]) -> Result<Vec<u8>, KeyError> {
-        let op = SignOp::for_scheme(self.kind, scheme).ok_or_else(|| {
-            KeyError::Sign(format!(
-                "scheme {scheme:?} does not fit a {:?} key",
-                self.kind
-            ))
-        })?;
+        let op =
+            SignOp::for_scheme(self.kind, scheme).ok_or(KeyError::Sign(SignFailure::Scheme {
+                scheme,
+                kind: self.kind.name(),
+            }))?;
         op.sign(&self.session, message)
     }
 }
@@ -203,8 +202,10 @@ pub(in crate::keys) fn sign_once(
     scheme: SignatureScheme,
     message: &[u8],
 ) -> Result<Vec<u8>, KeyError> {
-    let op = SignOp::for_scheme(kind, scheme)
-        .ok_or_else(|| KeyError::Sign(format!("scheme {scheme:?} does not fit {kind:?}")))?;
+    let op = SignOp::for_scheme(kind, scheme).ok_or(KeyError::Sign(SignFailure::Scheme {
+        scheme,
+        kind: kind.name(),
+    }))?;
     op.sign_in(session, key, message)
-        .map_err(|e| KeyError::Sign(e.to_string()))
+        .map_err(|e| KeyError::Sign(e.into()))
 }
