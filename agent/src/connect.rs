@@ -3,7 +3,7 @@
 //! HTTP CONNECT proxy), TLS with rustls, and one idle connection kept for reuse.
 //!
 //! Addresses and proxies come parsed from the configuration ([`crate::net`]). Callers turn
-//! [`ConnectError`] into their own errors, with hints that name their own configuration keys.
+//! [`ConnectError`] into their own errors; its messages name the service's configuration keys.
 
 use std::io;
 use std::sync::{Arc, Mutex};
@@ -19,20 +19,61 @@ use crate::net::{HostPort, Proxy, TlsServer};
 /// A TLS connection to an endpoint.
 pub type Conn = TlsStream<TcpStream>;
 
-/// Why a connection could not be set up.
+/// Which service a connection is for: error messages name its configuration keys.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Service {
+    /// The AWS IoT credentials provider (`endpoint`, `ca`).
+    Provider,
+    /// STS, for chained roles (`[sts] endpoint`, `[sts] ca`).
+    Sts,
+}
+
+impl Service {
+    /// How messages name the peer before its address: nothing, or `STS at `.
+    fn peer(self) -> &'static str {
+        match self {
+            Service::Provider => "",
+            Service::Sts => "STS at ",
+        }
+    }
+
+    fn endpoint_key(self) -> &'static str {
+        match self {
+            Service::Provider => "`endpoint`",
+            Service::Sts => "[sts] endpoint",
+        }
+    }
+
+    fn ca_key(self) -> &'static str {
+        match self {
+            Service::Provider => "`ca`",
+            Service::Sts => "[sts] ca",
+        }
+    }
+}
+
+/// Why a connection could not be set up, or broke at the TLS layer. `Display` names the fix.
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
     /// Name resolution failed.
-    #[error("cannot resolve {host}: {source}")]
+    #[error("cannot resolve {host}: {source}; check {} and DNS", service.endpoint_key())]
     Resolve {
+        /// Whose endpoint.
+        service: Service,
         /// Host.
         host: String,
         /// Why.
         source: io::Error,
     },
     /// TCP connection failed.
-    #[error("cannot connect to {target}: {source}")]
+    #[error(
+        "cannot connect to {}{target}: {source}; check {} and the network",
+        service.peer(),
+        service.endpoint_key()
+    )]
     Connect {
+        /// Whose endpoint.
+        service: Service,
         /// host:port tried.
         target: String,
         /// Why.
@@ -46,18 +87,92 @@ pub enum ConnectError {
         /// What happened.
         message: String,
     },
-    /// The TLS handshake failed; [`tls_cause`] gives rustls' reason.
-    #[error("TLS with {target} failed: {source}")]
-    Tls {
-        /// host:port.
-        target: String,
-        /// Why.
-        source: io::Error,
-    },
+    /// TLS failed (the handshake, or a later read or write).
+    #[error(transparent)]
+    Tls(#[from] TlsFailure),
+}
+
+/// TLS with an endpoint failed. `Display` says why in one line and names the likely fix.
+#[derive(Debug)]
+pub struct TlsFailure {
+    /// Whose endpoint.
+    pub service: Service,
+    /// host:port.
+    pub target: String,
+    /// The I/O error carrying rustls' reason (see [`tls_cause`]).
+    pub source: io::Error,
+}
+
+impl std::fmt::Display for TlsFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        use rustls::{AlertDescription as A, CertificateError as C, Error as E};
+        let TlsFailure {
+            service,
+            target,
+            source,
+        } = self;
+        let (peer, endpoint, ca) = (service.peer(), service.endpoint_key(), service.ca_key());
+        let clock = || iotcred_core::UnixTime::now().rfc3339();
+        match tls_cause(source) {
+            Some(E::AlertReceived(
+                A::BadCertificate
+                | A::CertificateRequired
+                | A::UnknownCA
+                | A::CertificateUnknown
+                | A::AccessDenied
+                | A::CertificateRevoked
+                | A::CertificateExpired
+                | A::UnsupportedCertificate,
+            )) if *service == Service::Provider => write!(
+                f,
+                "{target} rejected the device certificate during TLS: check that the certificate is registered and ACTIVE in AWS IoT and matches the key"
+            ),
+            Some(E::InvalidCertificate(C::NotValidYet | C::NotValidYetContext { .. })) => write!(
+                f,
+                "the server certificate of {peer}{target} is not valid yet by this device's clock ({}): set the system clock (NTP/RTC)",
+                clock()
+            ),
+            Some(E::InvalidCertificate(C::Expired | C::ExpiredContext { .. })) => write!(
+                f,
+                "the server certificate of {peer}{target} has expired by this device's clock ({}): check the system clock, or {endpoint}",
+                clock()
+            ),
+            Some(E::InvalidCertificate(C::UnknownIssuer)) => write!(
+                f,
+                "the server certificate of {peer}{target} is not trusted: check {ca} (default: the built-in Amazon roots) and {endpoint}"
+            ),
+            Some(E::InvalidCertificate(C::NotValidForName | C::NotValidForNameContext { .. })) => {
+                write!(
+                    f,
+                    "the server certificate of {peer}{target} is not valid for that name: check {endpoint}"
+                )?;
+                if *service == Service::Provider {
+                    f.write_str(" (use the iot:CredentialProvider endpoint)")?;
+                }
+                Ok(())
+            }
+            Some(E::Other(other)) if other.0.downcast_ref::<crate::keys::KeyError>().is_some() => {
+                write!(
+                    f,
+                    "TLS with {peer}{target} failed: the device key cannot sign: {}",
+                    other.0
+                )
+            }
+            Some(other) => write!(f, "TLS with {peer}{target} failed: {other}"),
+            None => write!(f, "TLS with {peer}{target} failed: {source}"),
+        }
+    }
+}
+
+impl std::error::Error for TlsFailure {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.source)
+    }
 }
 
 /// Connects to one endpoint and keeps one idle connection for the next request.
 pub struct Connector {
+    service: Service,
     server: TlsServer,
     tls: TlsConnector,
     proxy: Option<Proxy>,
@@ -68,11 +183,13 @@ impl Connector {
     /// A connector for `server` (SNI and certificate name: its host), with `client_config`'s
     /// trust anchors (and client certificate, if any), through `proxy` when given.
     pub fn new(
+        service: Service,
         server: TlsServer,
         client_config: Arc<ClientConfig>,
         proxy: Option<Proxy>,
     ) -> Connector {
         Connector {
+            service,
             server,
             tls: TlsConnector::from(client_config),
             proxy,
@@ -103,14 +220,15 @@ impl Connector {
     /// A new connection: TCP to the endpoint or to the proxy (then `CONNECT`), then TLS.
     pub async fn connect(&self) -> Result<Conn, ConnectError> {
         let tcp = match &self.proxy {
-            None => tcp_connect(self.server.addr()).await?,
+            None => tcp_connect(self.service, self.server.addr()).await?,
             Some(p) => {
-                let mut s = tcp_connect(&p.addr)
-                    .await
-                    .map_err(|e| ConnectError::Proxy {
-                        proxy: p.addr.to_string(),
-                        message: e.to_string(),
-                    })?;
+                let mut s =
+                    tcp_connect(self.service, &p.addr)
+                        .await
+                        .map_err(|e| ConnectError::Proxy {
+                            proxy: p.addr.to_string(),
+                            message: e.to_string(),
+                        })?;
                 proxy_connect(&mut s, p, &self.target()).await?;
                 s
             }
@@ -118,10 +236,16 @@ impl Connector {
         self.tls
             .connect(self.server.server_name().clone(), tcp)
             .await
-            .map_err(|source| ConnectError::Tls {
-                target: self.target(),
-                source,
-            })
+            .map_err(|source| self.tls_failure(source).into())
+    }
+
+    /// A TLS failure with this endpoint (the handshake, or a later read or write).
+    pub fn tls_failure(&self, source: io::Error) -> TlsFailure {
+        TlsFailure {
+            service: self.service,
+            target: self.target(),
+            source,
+        }
     }
 }
 
@@ -149,10 +273,11 @@ pub fn closed_by_peer(e: &io::Error) -> bool {
     )
 }
 
-async fn tcp_connect(addr: &HostPort) -> Result<TcpStream, ConnectError> {
+async fn tcp_connect(service: Service, addr: &HostPort) -> Result<TcpStream, ConnectError> {
     let addrs: Vec<_> = tokio::net::lookup_host((addr.host(), addr.port()))
         .await
         .map_err(|source| ConnectError::Resolve {
+            service,
             host: addr.host().to_string(),
             source,
         })?
@@ -168,6 +293,7 @@ async fn tcp_connect(addr: &HostPort) -> Result<TcpStream, ConnectError> {
         }
     }
     Err(ConnectError::Connect {
+        service,
         target: addr.to_string(),
         source: last,
     })

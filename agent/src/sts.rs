@@ -33,7 +33,7 @@ use tokio::time::Instant;
 use zeroize::{Zeroize, Zeroizing};
 
 use crate::config::{ChainedRole, Sts};
-use crate::connect::{Conn, ConnectError, Connector, closed_by_peer, tls_cause};
+use crate::connect::{Conn, ConnectError, Connector, Service, closed_by_peer, tls_cause};
 use crate::net::HttpsUrl;
 use crate::source::{BoxFuture, Obtained, Source, SourceError};
 use crate::state::{RoleHandle, Served};
@@ -143,33 +143,9 @@ pub enum StsError {
         "cannot sign the AssumeRole request: {0}; check the source role's credentials and [sts] region"
     )]
     Sign(#[from] sigv4::SignError),
-    /// Name resolution failed.
-    #[error("cannot resolve {host}: {source}; check [sts] endpoint and DNS")]
-    Resolve {
-        /// Host.
-        host: String,
-        /// Why.
-        source: io::Error,
-    },
-    /// TCP connection failed.
-    #[error("cannot connect to STS at {target}: {source}; check [sts] endpoint and the network")]
-    Connect {
-        /// host:port.
-        target: String,
-        /// Why.
-        source: io::Error,
-    },
-    /// The proxy refused or failed.
-    #[error("proxy {proxy}: {message}")]
-    Proxy {
-        /// Proxy host:port.
-        proxy: String,
-        /// What happened.
-        message: String,
-    },
-    /// TLS failed.
-    #[error("{0}")]
-    Tls(String),
+    /// The connection could not be set up, or broke at the TLS layer.
+    #[error(transparent)]
+    Connection(#[from] ConnectError),
     /// The connection failed mid-call.
     #[error("connection to STS at {target} failed: {source}")]
     Io {
@@ -229,10 +205,7 @@ impl StsError {
     pub fn breaks_connection(&self) -> bool {
         matches!(
             self,
-            StsError::Resolve { .. }
-                | StsError::Connect { .. }
-                | StsError::Proxy { .. }
-                | StsError::Tls(_)
+            StsError::Connection(_)
                 | StsError::Io { .. }
                 | StsError::Timeout { .. }
                 | StsError::Protocol(ProtocolError::Http(_))
@@ -333,7 +306,12 @@ impl StsClient {
             endpoint: sts.endpoint.clone(),
             region: sts.region.clone(),
             host_header,
-            conn: Connector::new(server.clone(), Arc::new(cfg), sts.proxy.clone()),
+            conn: Connector::new(
+                Service::Sts,
+                server.clone(),
+                Arc::new(cfg),
+                sts.proxy.clone(),
+            ),
             timeout,
             skew: AtomicI64::new(0),
         })
@@ -407,7 +385,7 @@ impl StsClient {
     ) -> Attempt {
         let conn = match tokio::time::timeout_at(deadline, self.conn.connect()).await {
             Err(_) => return Attempt::Done(Err(self.timeout_error())),
-            Ok(Err(e)) => return Attempt::Done(Err(self.connect_error(e))),
+            Ok(Err(e)) => return Attempt::Done(Err(e.into())),
             Ok(Ok(c)) => c,
         };
         self.call(conn, source, role, body, deadline, false).await
@@ -417,15 +395,6 @@ impl StsClient {
         StsError::Timeout {
             target: self.conn.target(),
             secs: self.timeout.as_secs(),
-        }
-    }
-
-    fn connect_error(&self, e: ConnectError) -> StsError {
-        match e {
-            ConnectError::Resolve { host, source } => StsError::Resolve { host, source },
-            ConnectError::Connect { target, source } => StsError::Connect { target, source },
-            ConnectError::Proxy { proxy, message } => StsError::Proxy { proxy, message },
-            ConnectError::Tls { target, source } => StsError::Tls(tls_message(&source, &target)),
         }
     }
 
@@ -516,7 +485,8 @@ impl StsClient {
                     return Attempt::Stale;
                 }
                 if tls_cause(&e).is_some() {
-                    return Attempt::Done(Err(StsError::Tls(tls_message(&e, &target))));
+                    let failure = ConnectError::from(self.conn.tls_failure(e));
+                    return Attempt::Done(Err(failure.into()));
                 }
                 return Attempt::Done(Err(StsError::Io { target, source: e }));
             }
@@ -1027,29 +997,6 @@ impl Source for MissingSource {
             }
             .into())
         })
-    }
-}
-
-/// One line for a TLS failure with STS, naming the likely fix.
-fn tls_message(e: &io::Error, target: &str) -> String {
-    use rustls::{CertificateError as C, Error as E};
-    match tls_cause(e) {
-        Some(E::InvalidCertificate(C::UnknownIssuer)) => format!(
-            "the server certificate of STS at {target} is not trusted: check [sts] ca (default: the built-in Amazon roots) and [sts] endpoint"
-        ),
-        Some(E::InvalidCertificate(C::NotValidForName | C::NotValidForNameContext { .. })) => {
-            format!(
-                "the server certificate of STS at {target} is not valid for that name: check [sts] endpoint"
-            )
-        }
-        Some(E::InvalidCertificate(
-            C::Expired | C::ExpiredContext { .. } | C::NotValidYet | C::NotValidYetContext { .. },
-        )) => format!(
-            "the server certificate of STS at {target} is not valid by this device's clock ({}): set the system clock (NTP/RTC)",
-            UnixTime::now().rfc3339()
-        ),
-        Some(other) => format!("TLS with STS at {target} failed: {other}"),
-        None => format!("TLS with STS at {target} failed: {e}"),
     }
 }
 

@@ -13,7 +13,7 @@ use rustls::ClientConfig;
 use tokio::time::Instant;
 
 use crate::config::{Config, ProviderRole};
-use crate::connect::{Conn, ConnectError, Connector, closed_by_peer, tls_cause};
+use crate::connect::{Conn, ConnectError, Connector, Service, closed_by_peer, tls_cause};
 use crate::source::Obtained;
 
 /// Why an exchange failed. `Display` is one line that says what is wrong and what to do; it
@@ -28,33 +28,9 @@ pub enum UpstreamError {
         /// Human message with the fix.
         message: String,
     },
-    /// Name resolution failed.
-    #[error("cannot resolve {host}: {source}; check `endpoint` and DNS")]
-    Resolve {
-        /// Host.
-        host: String,
-        /// Why.
-        source: io::Error,
-    },
-    /// TCP connection failed.
-    #[error("cannot connect to {target}: {source}")]
-    Connect {
-        /// host:port tried.
-        target: String,
-        /// Why.
-        source: io::Error,
-    },
-    /// The proxy refused or failed.
-    #[error("proxy {proxy}: {message}")]
-    Proxy {
-        /// Proxy host:port.
-        proxy: String,
-        /// What happened.
-        message: String,
-    },
-    /// TLS failed (handshake or record layer).
-    #[error("{0}")]
-    Tls(String),
+    /// The connection could not be set up, or broke at the TLS layer.
+    #[error(transparent)]
+    Connection(#[from] ConnectError),
     /// Connection dropped or I/O failed mid-exchange.
     #[error("connection to {target} failed: {source}")]
     Io {
@@ -93,19 +69,6 @@ impl UpstreamError {
     }
 }
 
-impl From<ConnectError> for UpstreamError {
-    fn from(e: ConnectError) -> Self {
-        match e {
-            ConnectError::Resolve { host, source } => UpstreamError::Resolve { host, source },
-            ConnectError::Connect { target, source } => UpstreamError::Connect { target, source },
-            ConnectError::Proxy { proxy, message } => UpstreamError::Proxy { proxy, message },
-            ConnectError::Tls { target, source } => {
-                UpstreamError::Tls(tls_message(&source, &target))
-            }
-        }
-    }
-}
-
 /// The upstream: endpoint, TLS configuration, and one idle connection kept for reuse.
 pub struct Upstream {
     thing_name: Option<ThingName>,
@@ -120,6 +83,7 @@ impl Upstream {
         Upstream {
             thing_name: config.thing_name.clone(),
             conn: Connector::new(
+                Service::Provider,
                 config.endpoint.server().clone(),
                 client_config,
                 config.proxy.clone(),
@@ -238,9 +202,8 @@ impl Upstream {
                     return Err(ExchangeFailure::StaleConnection);
                 }
                 if tls_cause(&e).is_some() {
-                    return Err(ExchangeFailure::Error(UpstreamError::Tls(tls_message(
-                        &e, &target,
-                    ))));
+                    let failure = ConnectError::from(self.conn.tls_failure(e));
+                    return Err(ExchangeFailure::Error(failure.into()));
                 }
                 return Err(ExchangeFailure::Error(UpstreamError::Io {
                     target,
@@ -296,47 +259,4 @@ enum ExchangeFailure {
 fn with_latency(mut obtained: Obtained, start: Instant) -> Obtained {
     obtained.latency = obtained.arrived.saturating_duration_since(start);
     obtained
-}
-
-/// One line for a TLS failure, naming the likely fix.
-fn tls_message(e: &io::Error, target: &str) -> String {
-    use rustls::{AlertDescription as A, CertificateError as C, Error as E};
-    match tls_cause(e) {
-        Some(E::AlertReceived(
-            A::BadCertificate
-            | A::CertificateRequired
-            | A::UnknownCA
-            | A::CertificateUnknown
-            | A::AccessDenied
-            | A::CertificateRevoked
-            | A::CertificateExpired
-            | A::UnsupportedCertificate,
-        )) => format!(
-            "{target} rejected the device certificate during TLS: check that the certificate is registered and ACTIVE in AWS IoT and matches the key"
-        ),
-        Some(E::InvalidCertificate(C::NotValidYet | C::NotValidYetContext { .. })) => format!(
-            "the server certificate of {target} is not valid yet by this device's clock ({}): set the system clock (NTP/RTC)",
-            UnixTime::now().rfc3339()
-        ),
-        Some(E::InvalidCertificate(C::Expired | C::ExpiredContext { .. })) => format!(
-            "the server certificate of {target} has expired by this device's clock ({}): check the system clock, or the endpoint",
-            UnixTime::now().rfc3339()
-        ),
-        Some(E::InvalidCertificate(C::UnknownIssuer)) => format!(
-            "the server certificate of {target} is not trusted: check `ca` (default: the built-in Amazon roots) and `endpoint`"
-        ),
-        Some(E::InvalidCertificate(C::NotValidForName | C::NotValidForNameContext { .. })) => {
-            format!(
-                "the server certificate of {target} is not valid for that name: check `endpoint` (use the iot:CredentialProvider endpoint)"
-            )
-        }
-        Some(E::Other(other)) if other.0.downcast_ref::<crate::keys::KeyError>().is_some() => {
-            format!(
-                "TLS with {target} failed: the device key cannot sign: {}",
-                other.0
-            )
-        }
-        Some(other) => format!("TLS with {target} failed: {other}"),
-        None => format!("TLS with {target} failed: {e}"),
-    }
 }
