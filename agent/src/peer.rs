@@ -12,13 +12,12 @@
 //! cached for the connection's life ([`TcpPeer::uid`]). The kernel answers a single-socket
 //! `inet_diag` request synchronously inside `sendmsg`, so the reply is already queued when
 //! `send` returns; the socket is non-blocking and `recv` uses `MSG_DONTWAIT`, so a lookup never
-//! waits on anything and runs inline on the async worker (one netlink socket per worker
-//! thread, created on first use). The message encoding and parsing are the
+//! waits on anything and runs inline on the async worker (one netlink socket for the
+//! process, created on first use). The message encoding and parsing are the
 //! `netlink-packet-sock-diag` crate's.
 
-use std::cell::RefCell;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock};
 
 use netlink_packet_core::{NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload};
 use netlink_packet_sock_diag::SockDiagMessage;
@@ -94,23 +93,23 @@ impl TcpPeer {
 }
 
 /// The uid owning the TCP socket at `peer` connected to our `local` address.
+///
+/// One netlink socket serves the whole process (opened on first use), behind a lock: a query
+/// takes a few microseconds and happens once per connection, and a socket per thread would
+/// leave a descriptor behind for every thread the runtime ever ran a lookup on.
 pub fn lookup_uid(local: SocketAddr, peer: SocketAddr) -> Result<u32, LookupError> {
-    thread_local! {
-        static DIAG: RefCell<Option<Diag>> = const { RefCell::new(None) };
+    static DIAG: Mutex<Option<Diag>> = Mutex::new(None);
+    let mut slot = DIAG.lock().unwrap_or_else(|e| e.into_inner());
+    let diag = match slot.as_mut() {
+        Some(d) => d,
+        None => slot.insert(Diag::open()?),
+    };
+    let result = diag.query(local, peer);
+    if matches!(result, Err(LookupError::Io(_) | LookupError::Protocol(_))) {
+        // Start afresh next time (a stale reply may be queued).
+        *slot = None;
     }
-    DIAG.with(|cell| {
-        let mut slot = cell.borrow_mut();
-        let diag = match slot.as_mut() {
-            Some(d) => d,
-            None => slot.insert(Diag::open()?),
-        };
-        let result = diag.query(local, peer);
-        if matches!(result, Err(LookupError::Io(_) | LookupError::Protocol(_))) {
-            // Start afresh next time (a stale reply may be queued).
-            *slot = None;
-        }
-        result
-    })
+    result
 }
 
 /// A netlink socket for `inet_diag` queries, with its sequence counter and receive buffer.
