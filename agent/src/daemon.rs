@@ -15,10 +15,10 @@ use crate::config::{Config, Role, RoleSource};
 use crate::exit::Exit;
 use crate::metrics::Metrics;
 use crate::refresh::{Refresher, schedule_config};
-use crate::source::{ProviderSource, Source};
+use crate::source::Source;
 use crate::state::{Clock, RoleHandle, RolePublisher, role_channel};
 use crate::sts::{AssumeRole, ChainedSource, StsClient};
-use crate::upstream::Upstream;
+use crate::upstream::{ProviderSource, Upstream};
 use crate::{sdnotify, server, tls};
 
 /// How long in-flight local requests may take to finish after SIGTERM.

@@ -1,21 +1,19 @@
 //! Where a role's credentials come from: a [`Source`] that the role's refresher drives.
 //!
-//! Two kinds: the AWS IoT credentials provider ([`ProviderSource`], over the device's mutual TLS
-//! identity), and STS `AssumeRole` for chained roles ([`ChainedSource`](crate::sts::ChainedSource),
-//! signed with another role's credentials). Each source is one small value behind the trait, so the
-//! refresher never knows which kind it drives, and tests drive it with a fake.
+//! Two kinds: the AWS IoT credentials provider (`upstream::ProviderSource`, over the device's
+//! mutual TLS identity), and STS `AssumeRole` for chained roles
+//! ([`ChainedSource`](crate::sts::ChainedSource), signed with another role's credentials). Each
+//! source is one small value behind the trait, with its own typed error behind
+//! [`SourceFailure`], so this module depends on no kind of source, the refresher never knows
+//! which kind it drives, and tests drive it with a fake.
 
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::time::Duration;
 
 use iotcred_core::{Credentials, ErrorClass};
 use tokio::time::Instant;
-
-use crate::config::ProviderRole;
-use crate::upstream::{Upstream, UpstreamError};
 
 /// A boxed, `Send` future: what [`Source::fetch`] returns (the trait stays object-safe).
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -43,34 +41,53 @@ impl fmt::Debug for Obtained {
     }
 }
 
-/// Why a source could not obtain credentials. `Display` says what is wrong and what to do, in
-/// one line, and never contains a secret.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum SourceError {
-    /// The AWS IoT credentials provider (or the way to it) failed.
-    #[error(transparent)]
-    Provider(#[from] UpstreamError),
-    /// A chained role's STS call, or its source role, failed.
-    #[error(transparent)]
-    Chained(#[from] crate::sts::ChainedError),
+/// What a refresher needs to know of a failed fetch: its class, the issuer's `Retry-After`, and
+/// (through `Display`) one line saying what is wrong and what to do, never a secret. Each kind
+/// of source has its own typed error implementing this (`UpstreamError`, `ChainedError`).
+pub trait SourceFailure: std::error::Error + Send + Sync + 'static {
+    /// Permanent (fix the configuration; retried slowly) or transient (retried with backoff).
+    fn class(&self) -> ErrorClass;
+    /// The issuer's `Retry-After`, if it sent one.
+    fn retry_after(&self) -> Option<Duration>;
+}
+
+/// Why a source could not obtain credentials: the source's own typed error, behind
+/// [`SourceFailure`] (so this module depends on no kind of source).
+pub struct SourceError(Box<dyn SourceFailure>);
+
+impl<E: SourceFailure> From<E> for SourceError {
+    fn from(e: E) -> Self {
+        SourceError(Box::new(e))
+    }
 }
 
 impl SourceError {
     /// Permanent (fix the configuration; retried slowly) or transient (retried with backoff).
     pub fn class(&self) -> ErrorClass {
-        match self {
-            SourceError::Provider(e) => e.class(),
-            SourceError::Chained(e) => e.class(),
-        }
+        self.0.class()
     }
 
     /// The issuer's `Retry-After`, if it sent one.
     pub fn retry_after(&self) -> Option<Duration> {
-        match self {
-            SourceError::Provider(e) => e.retry_after(),
-            SourceError::Chained(e) => e.retry_after(),
-        }
+        self.0.retry_after()
+    }
+}
+
+impl fmt::Display for SourceError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl fmt::Debug for SourceError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl std::error::Error for SourceError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.0.source()
     }
 }
 
@@ -81,35 +98,18 @@ pub trait Source: Send + Sync + fmt::Debug {
     fn fetch(&self) -> BoxFuture<'_, Result<Obtained, SourceError>>;
 }
 
-/// A role whose credentials come from the AWS IoT credentials provider through a role alias.
-#[derive(Debug)]
-pub struct ProviderSource {
-    upstream: Arc<Upstream>,
-    request: ProviderRole,
-}
-
-impl ProviderSource {
-    /// The source of one role on the device's shared upstream.
-    pub fn new(upstream: Arc<Upstream>, request: ProviderRole) -> Self {
-        ProviderSource { upstream, request }
-    }
-}
-
-impl Source for ProviderSource {
-    fn fetch(&self) -> BoxFuture<'_, Result<Obtained, SourceError>> {
-        Box::pin(async move { Ok(self.upstream.fetch(&self.request).await?) })
-    }
-}
-
 /// A scripted source for paused-time tests of the refresher and reloads.
 #[cfg(test)]
 pub(crate) mod fake {
     use std::collections::VecDeque;
     use std::sync::Mutex;
 
+    use std::sync::Arc;
+
     use iotcred_core::{ExchangeError, Secret, UnixTime};
 
     use super::*;
+    use crate::upstream::UpstreamError;
 
     /// What the fake answers to one fetch, after `latency` (of simulated time).
     #[derive(Clone, Debug)]
@@ -210,7 +210,7 @@ pub(crate) mod fake {
                         })
                     }
                     Reply::Status(status, retry_after) => {
-                        Err(SourceError::Provider(UpstreamError::Exchange {
+                        Err(SourceError::from(UpstreamError::Exchange {
                             error: ExchangeError::Rejected {
                                 status,
                                 message: None,

@@ -35,7 +35,7 @@ use zeroize::{Zeroize, Zeroizing};
 use crate::config::{ChainedRole, Sts};
 use crate::connect::{Conn, ConnectError, Connector, Service, closed_by_peer, tls_cause};
 use crate::net::HttpsUrl;
-use crate::source::{BoxFuture, Obtained, Source, SourceError};
+use crate::source::{BoxFuture, Obtained, Source, SourceError, SourceFailure};
 use crate::state::{RoleHandle, Served};
 
 /// The STS API version sent with every call.
@@ -862,6 +862,16 @@ impl ChainedError {
             ChainedError::Sts(e) => e.retry_after(),
             _ => None,
         }
+    }
+}
+
+impl SourceFailure for ChainedError {
+    fn class(&self) -> ErrorClass {
+        ChainedError::class(self)
+    }
+
+    fn retry_after(&self) -> Option<Duration> {
+        ChainedError::retry_after(self)
     }
 }
 

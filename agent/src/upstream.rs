@@ -14,7 +14,7 @@ use tokio::time::Instant;
 
 use crate::config::{Config, ProviderRole};
 use crate::connect::{Conn, ConnectError, Connector, Service, closed_by_peer, tls_cause};
-use crate::source::Obtained;
+use crate::source::{BoxFuture, Obtained, Source, SourceError, SourceFailure};
 
 /// Why an exchange failed. `Display` is one line that says what is wrong and what to do; it
 /// never contains a secret.
@@ -66,6 +66,36 @@ impl UpstreamError {
             UpstreamError::Exchange { error, .. } => error.retry_after(),
             _ => None,
         }
+    }
+}
+
+impl SourceFailure for UpstreamError {
+    fn class(&self) -> ErrorClass {
+        UpstreamError::class(self)
+    }
+
+    fn retry_after(&self) -> Option<Duration> {
+        UpstreamError::retry_after(self)
+    }
+}
+
+/// A role whose credentials come from the AWS IoT credentials provider through a role alias.
+#[derive(Debug)]
+pub struct ProviderSource {
+    upstream: Arc<Upstream>,
+    request: ProviderRole,
+}
+
+impl ProviderSource {
+    /// The source of one role on the device's shared upstream.
+    pub fn new(upstream: Arc<Upstream>, request: ProviderRole) -> Self {
+        ProviderSource { upstream, request }
+    }
+}
+
+impl Source for ProviderSource {
+    fn fetch(&self) -> BoxFuture<'_, Result<Obtained, SourceError>> {
+        Box::pin(async move { Ok(self.upstream.fetch(&self.request).await?) })
     }
 }
 
