@@ -17,7 +17,7 @@ use crate::metrics::Metrics;
 use crate::refresh::{Refresher, schedule_config};
 use crate::source::Source;
 use crate::state::{Clock, RoleHandle, RolePublisher, role_channel};
-use crate::sts::{AssumeRole, ChainedSource, StsClient};
+use crate::sts::{AssumeRole, ChainedSource, StsClient, StsSetupError};
 use crate::upstream::{ProviderSource, Upstream};
 use crate::{sdnotify, server, tls};
 
@@ -155,11 +155,9 @@ struct Backends {
 }
 
 impl Backends {
-    fn new(config: &Config, identity: tls::Identity) -> Result<Backends, String> {
+    fn new(config: &Config, identity: tls::Identity) -> Result<Backends, StsSetupError> {
         let sts = match &config.sts {
-            Some(s) => Some(Arc::new(
-                StsClient::new(s, config.timeout).map_err(|e| e.to_string())?,
-            )),
+            Some(s) => Some(Arc::new(StsClient::new(s, config.timeout)?)),
             None => None,
         };
         Ok(Backends {

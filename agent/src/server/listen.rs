@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use tokio::net::{TcpListener, UnixListener};
 use zeroize::Zeroizing;
 
-use super::{Listeners, ServeConfig, ServeError, Token};
+use super::{ActivationError, Listeners, ServeConfig, ServeError, Token};
 use crate::config::Listener;
 use crate::state::RoleHandle;
 
@@ -58,10 +58,11 @@ impl Activation {
             let owned = unsafe { OwnedFd::from_raw_fd(fd) };
             // SAFETY: fcntl on a descriptor we own.
             if unsafe { libc::fcntl(owned.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC) } < 0 {
-                return Err(ServeError::Activation(format!(
-                    "fd {fd} from LISTEN_FDS is not open: {}",
-                    io::Error::last_os_error()
-                )));
+                return Err(ActivationError::NotOpen {
+                    fd,
+                    source: io::Error::last_os_error(),
+                }
+                .into());
             }
             fds.push((owned, name));
         }
@@ -104,22 +105,24 @@ pub fn parse_listen_env(
     let pid: u32 = pid
         .trim()
         .parse()
-        .map_err(|_| ServeError::Activation(format!("LISTEN_PID={pid:?} is not a pid")))?;
+        .map_err(|_| ActivationError::Pid(pid.to_owned()))?;
     if pid != my_pid {
         return Ok(None);
     }
-    let n: u16 = n.trim().parse().map_err(|_| {
-        ServeError::Activation(format!("LISTEN_FDS={n:?} is not a descriptor count"))
-    })?;
+    let n: u16 = n
+        .trim()
+        .parse()
+        .map_err(|_| ActivationError::Count(n.to_owned()))?;
     let names: Vec<Option<String>> = match listen_fdnames {
         Some(s) if !s.is_empty() => s.split(':').map(|x| Some(x.to_owned())).collect(),
         _ => vec![None; usize::from(n)],
     };
     if names.len() != usize::from(n) {
-        return Err(ServeError::Activation(format!(
-            "LISTEN_FDNAMES has {} names for LISTEN_FDS={n}",
-            names.len()
-        )));
+        return Err(ActivationError::Names {
+            names: names.len(),
+            fds: n,
+        }
+        .into());
     }
     Ok(Some(
         names
@@ -143,26 +146,26 @@ pub(super) async fn bind_with(
     let mut tcp = None;
     for (fd, name) in activation.map(|a| a.fds).unwrap_or_default() {
         let label = name.as_deref().unwrap_or("unnamed").to_owned();
-        match classify(&fd).map_err(|e| {
-            ServeError::Activation(format!("socket {label} (fd {}): {e}", fd.as_raw_fd()))
-        })? {
+        let described = format!("{label} (fd {})", fd.as_raw_fd());
+        let socket_error = |source| ActivationError::Socket {
+            label: described.clone(),
+            source,
+        };
+        match classify(&fd).map_err(&socket_error)? {
             Kind::Unix if unix.is_none() => {
                 let l = std::os::unix::net::UnixListener::from(fd);
-                l.set_nonblocking(true).map_err(ServeError::activation_io)?;
-                unix = Some(UnixListener::from_std(l).map_err(ServeError::activation_io)?);
+                l.set_nonblocking(true).map_err(&socket_error)?;
+                unix = Some(UnixListener::from_std(l).map_err(&socket_error)?);
             }
             Kind::Tcp if tcp.is_none() => {
                 let l = std::net::TcpListener::from(fd);
-                let addr = l.local_addr().map_err(ServeError::activation_io)?;
+                let addr = l.local_addr().map_err(&socket_error)?;
                 check_listen(addr)?;
-                l.set_nonblocking(true).map_err(ServeError::activation_io)?;
-                tcp = Some(TcpListener::from_std(l).map_err(ServeError::activation_io)?);
+                l.set_nonblocking(true).map_err(&socket_error)?;
+                tcp = Some(TcpListener::from_std(l).map_err(&socket_error)?);
             }
             _ => {
-                return Err(ServeError::Activation(format!(
-                    "socket {label}: expected at most one Unix and one TCP listening socket; \
-                     fix ListenStream= in iotcred.socket"
-                )));
+                return Err(ActivationError::Unexpected(label).into());
             }
         }
     }

@@ -194,13 +194,48 @@ pub enum ServeError {
     Random(String),
     /// Socket activation variables or descriptors are wrong.
     #[error("systemd socket activation: {0}")]
-    Activation(String),
+    Activation(#[from] ActivationError),
 }
 
-impl ServeError {
-    fn activation_io(e: std::io::Error) -> Self {
-        ServeError::Activation(e.to_string())
-    }
+/// What is wrong with the sockets systemd passed (SPEC §7: the same listener rules hold).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ActivationError {
+    /// `LISTEN_PID` is not a number.
+    #[error("LISTEN_PID={0:?} is not a pid")]
+    Pid(String),
+    /// `LISTEN_FDS` is not a number.
+    #[error("LISTEN_FDS={0:?} is not a descriptor count")]
+    Count(String),
+    /// `LISTEN_FDNAMES` does not name every descriptor.
+    #[error("LISTEN_FDNAMES has {names} names for LISTEN_FDS={fds}")]
+    Names {
+        /// Names given.
+        names: usize,
+        /// Descriptors passed.
+        fds: u16,
+    },
+    /// A passed descriptor is not open.
+    #[error("fd {fd} from LISTEN_FDS is not open: {source}")]
+    NotOpen {
+        /// The descriptor.
+        fd: i32,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A passed socket cannot be inspected or used.
+    #[error("socket {label}: {source}")]
+    Socket {
+        /// Its name (`LISTEN_FDNAMES`) or `unnamed`, and descriptor.
+        label: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// More sockets, or other kinds, than one Unix and one TCP listener.
+    #[error(
+        "socket {0}: expected at most one Unix and one TCP listening socket; fix ListenStream= in iotcred.socket"
+    )]
+    Unexpected(String),
 }
 
 /// A role's bearer token for the TCP listener. `Debug` never shows it; zeroized on drop.
