@@ -99,8 +99,9 @@ fn get(addr: SocketAddr, path: &str, token: &str) -> Reply {
     )
 }
 
-/// An agent with `[serve] listen` and `[serve.imds]` (`imds_extra` appended to that section).
-fn start(env: &Env, imds_extra: &str, roles: &str) -> (Agent, SocketAddr, SocketAddr) {
+/// An agent with `[serve] listen` and `[serve.imds]` (`imds_extra` appended to that section,
+/// `tables` after it: roles, `[refresh]`, …).
+fn start(env: &Env, imds_extra: &str, tables: &str) -> (Agent, SocketAddr, SocketAddr) {
     let (tcp, imds) = (free_port(), free_port());
     let k = env.pki.device_ec.key.display().to_string();
     let cfg = env.config_with(
@@ -108,7 +109,7 @@ fn start(env: &Env, imds_extra: &str, roles: &str) -> (Agent, SocketAddr, Socket
         &k,
         "",
         &format!(
-            "[serve]\nlisten = \"127.0.0.1:{tcp}\"\n[serve.imds]\nlisten = \"127.0.0.1:{imds}\"\nrole = \"default\"\n{imds_extra}\n{roles}"
+            "[serve]\nlisten = \"127.0.0.1:{tcp}\"\n[serve.imds]\nlisten = \"127.0.0.1:{imds}\"\nrole = \"default\"\n{imds_extra}\n{tables}"
         ),
     );
     let mut agent = env.start_agent(&cfg);
@@ -338,19 +339,7 @@ fn tokens_expire() {
 fn no_credentials_is_503_with_retry_after() {
     let env = Env::new();
     env.provider.set_fault(Fault::status(500));
-    let (tcp, imds) = (free_port(), free_port());
-    let k = env.pki.device_ec.key.display().to_string();
-    let cfg = env.config_with(
-        &env.pki.device_ec.cert,
-        &k,
-        "",
-        &format!(
-            "[refresh]\nmode = \"on-demand\"\n[serve]\nlisten = \"127.0.0.1:{tcp}\"\n[serve.imds]\nlisten = \"127.0.0.1:{imds}\"\nrole = \"default\"\n"
-        ),
-    );
-    let mut agent = env.start_agent(&cfg);
-    assert!(agent.wait_ready(LIMIT), "{}", agent.log());
-    let addr: SocketAddr = format!("127.0.0.1:{imds}").parse().unwrap();
+    let (agent, _, addr) = start(&env, "", "[refresh]\nmode = \"on-demand\"\n");
     let tok = token(addr);
     let r = get(addr, &format!("{CREDS}default"), &tok);
     assert_eq!(r.status, 503, "{r:?}");
