@@ -11,7 +11,7 @@ if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
 APT_PKGS=(softhsm2 opensc swtpm swtpm-tools tpm2-tools tpm2-abrmd libtss2-tcti-tabrmd0
   libtpm2-pkcs11-1 libtpm2-pkcs11-tools dbus openssl curl faketime
   gcc-aarch64-linux-gnu gcc-arm-linux-gnueabihf libc6-dev-arm64-cross libc6-dev-armhf-cross qemu-user
-  systemd golang-go golang-github-aws-aws-sdk-go-v2-dev iproute2)
+  systemd golang-go golang-github-aws-aws-sdk-go-v2-dev iproute2 mosquitto)
 missing=()
 for p in "${APT_PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
