@@ -191,6 +191,96 @@ pub fn get(
     Ok(format.render(profile, &creds, creds.expiration))
 }
 
+/// How an identity job asked of the agent ended.
+#[derive(Debug)]
+pub enum JobAnswer {
+    /// No agent answers on the socket: do the work in this process.
+    NoAgent,
+    /// The agent ran the job: its exit code and its lines.
+    Done(Exit, String),
+    /// The agent refused or could not run it.
+    Refused(Exit, String),
+}
+
+/// Asks the agent on `socket` to run an identity job (`POST /v1/identity/provision` or
+/// `/v1/identity/rotate[?force=true]`) and waits for its result.
+pub fn identity_job(socket: &Path, path_and_query: &str) -> JobAnswer {
+    let mut stream = match UnixStream::connect(socket) {
+        Ok(s) => s,
+        // No socket, or nobody listening on it: no agent.
+        Err(e)
+            if matches!(
+                e.kind(),
+                io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused
+            ) =>
+        {
+            return JobAnswer::NoAgent;
+        }
+        Err(e) => {
+            return JobAnswer::Refused(
+                Exit::Agent,
+                format!(
+                    "cannot reach the agent at {}: {e}; run as root or the agent's user",
+                    socket.display()
+                ),
+            );
+        }
+    };
+    let io_fail = |e: io::Error| {
+        JobAnswer::Refused(
+            Exit::Agent,
+            format!("talking to the agent at {} failed: {e}", socket.display()),
+        )
+    };
+    // A provisioning waits for several MQTT replies, each bounded by [provision] timeout_seconds.
+    if let Err(e) = stream
+        .set_read_timeout(Some(READ_TIMEOUT * 4))
+        .and_then(|()| stream.set_write_timeout(Some(Duration::from_secs(10))))
+    {
+        return io_fail(e);
+    }
+    let request = format!(
+        "POST {path_and_query} HTTP/1.1\r\nHost: localhost\r\nUser-Agent: {}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+        crate::USER_AGENT
+    );
+    if let Err(e) = stream.write_all(request.as_bytes()) {
+        return io_fail(e);
+    }
+    let answer = match read_response(&mut stream) {
+        Ok(a) => a,
+        Err(ReadError::Io(e)) => return io_fail(e),
+        Err(ReadError::Protocol(m)) => return JobAnswer::Refused(Exit::Other, m),
+    };
+    #[derive(serde::Deserialize)]
+    struct Body {
+        exit: u8,
+        message: String,
+    }
+    match answer.status {
+        200 => match serde_json::from_slice::<Body>(&answer.body) {
+            Ok(b) => {
+                let exit = match b.exit {
+                    0 => Exit::Ok,
+                    2 => Exit::Config,
+                    3 => Exit::Permanent,
+                    4 => Exit::Transient,
+                    5 => Exit::Agent,
+                    _ => Exit::Other,
+                };
+                JobAnswer::Done(exit, b.message)
+            }
+            Err(_) => JobAnswer::Refused(Exit::Other, "unexpected answer from the agent".into()),
+        },
+        s => JobAnswer::Refused(
+            Exit::Agent,
+            format!(
+                "the agent refused the request ({s}): {}",
+                error_message(&answer.body)
+            ),
+        ),
+    }
+}
+
 /// Status, body (zeroized on drop) and `Retry-After` seconds of the agent's answer.
 struct Answer {
     status: u16,

@@ -197,11 +197,24 @@ pub fn check(config: Option<&Path>, do_fetch: bool) -> Exit {
             config.path.display(),
             config.roles.len()
         );
+        let o = &config.origins;
+        match &config.thing_name {
+            Some(t) => println!("thing_name: {} ({})", t.as_str(), o.thing_name.describe()),
+            None => println!("thing_name: none ({})", o.thing_name.describe()),
+        }
+        crate::lifecycle::check_lines(&config);
+        let Some(device) = &config.device else {
+            println!(
+                "identity: not provisioned yet: `iotcred provision` (or `iotcred run`) makes it with [provision]"
+            );
+            return Ok(());
+        };
         let identity = load_identity(&config)?;
         let c = &identity.cert;
         println!(
-            "certificate: {} (subject {}, {} in chain), valid {} to {}",
-            config.certificate.display(),
+            "certificate: {} ({}; subject {}, {} in chain), valid {} to {}",
+            device.certificate.display(),
+            o.certificate.describe(),
             c.subject,
             c.chain_len,
             c.not_before.rfc3339(),
@@ -224,7 +237,12 @@ pub fn check(config: Option<&Path>, do_fetch: bool) -> Exit {
                 );
             }
         }
-        println!("key: {} OK (certificate matches the key)", config.key);
+        println!(
+            "key: {} ({}) OK (certificate matches the key)",
+            device.key,
+            o.key.describe()
+        );
+        crate::lifecycle::check_rotation(&config, c.not_after);
         match &config.ca {
             Some(ca) => println!("trust anchors: {}", ca.display()),
             None => println!("trust anchors: built-in Amazon roots"),
@@ -378,4 +396,79 @@ pub fn run(config: Option<&Path>) -> Exit {
         Err(e) => return fail(Exit::Other, format!("cannot start the runtime: {e}")),
     };
     rt.block_on(crate::daemon::run(config))
+}
+
+/// `iotcred provision [--dry-run]` (SPEC §8.1): through the running agent when one answers on
+/// its socket, else in this process.
+pub fn provision(config: Option<&Path>, dry_run: bool) -> Exit {
+    identity_command(config, "/v1/identity/provision", dry_run, |config| {
+        Box::pin(crate::lifecycle::provision(config, dry_run))
+    })
+}
+
+/// `iotcred rotate [--force]` (SPEC §8.2): through the running agent when one answers on its
+/// socket, else in this process (which then destroys the old key itself).
+pub fn rotate(config: Option<&Path>, force: bool) -> Exit {
+    let path = if force {
+        "/v1/identity/rotate?force=true"
+    } else {
+        "/v1/identity/rotate"
+    };
+    identity_command(config, path, false, |config| {
+        Box::pin(crate::lifecycle::rotate(config, force))
+    })
+}
+
+type JobFuture<'a> = std::pin::Pin<
+    Box<
+        dyn std::future::Future<
+                Output = Result<crate::lifecycle::Outcome, crate::lifecycle::LifecycleError>,
+            > + 'a,
+    >,
+>;
+
+fn identity_command(
+    config: Option<&Path>,
+    agent_path: &str,
+    local_only: bool,
+    job: impl for<'a> FnOnce(&'a Config) -> JobFuture<'a>,
+) -> Exit {
+    let config = match load_config(config) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    if !local_only {
+        use crate::client::JobAnswer;
+        match crate::client::identity_job(&config.serve.socket, agent_path) {
+            JobAnswer::NoAgent => {}
+            JobAnswer::Done(Exit::Ok, text) => {
+                println!("{text}");
+                return Exit::Ok;
+            }
+            JobAnswer::Done(code, text) | JobAnswer::Refused(code, text) => {
+                return fail(code, text);
+            }
+        }
+    }
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => return fail(Exit::Other, format!("cannot start the runtime: {e}")),
+    };
+    match rt.block_on(job(&config)) {
+        Ok(outcome) => {
+            if let Some(old) = &outcome.retired {
+                // No agent runs (it would have taken the job): nothing uses the old key now.
+                crate::lifecycle::retire(old);
+            }
+            for line in &outcome.lines {
+                println!("{line}");
+            }
+            Exit::Ok
+        }
+        Err(e) => fail(e.exit, e),
+    }
 }

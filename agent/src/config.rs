@@ -3,6 +3,7 @@
 //! parsed again later. Every problem is reported at once, each with its line: unknown keys by
 //! name, wrong types, missing keys, invalid values, and the relations between roles.
 
+mod lifecycle;
 mod read;
 mod roles;
 
@@ -17,9 +18,12 @@ use toml::de::DeTable;
 
 use crate::keys::KeySource;
 use crate::net::{AddressError, HttpsUrl, Proxy, ProxyEnv, TlsServer};
+pub use lifecycle::{MQTT_PORT, Provision, Rotation, valid_template};
 use read::{Cx, Table};
 use roles::{Roles, read_roles};
 pub use roles::{StsValueError, check_external_id, check_role_arn, check_session_name};
+
+use crate::identity::IdentityRecord;
 
 /// Default configuration path.
 pub const DEFAULT_PATH: &str = "/etc/iotcred/config.toml";
@@ -155,12 +159,15 @@ pub struct Config {
     pub path: PathBuf,
     /// Credentials-provider endpoint.
     pub endpoint: Endpoint,
-    /// Thing name sent as `x-amzn-iot-thingname`.
+    /// Thing name sent as `x-amzn-iot-thingname` (from `identity.toml` when it exists).
     pub thing_name: Option<ThingName>,
-    /// Device certificate chain (PEM, leaf first).
-    pub certificate: PathBuf,
-    /// Private key: PEM file or PKCS#11 URI.
-    pub key: KeySource,
+    /// The device certificate and key (from `identity.toml` when it exists); `None` only with
+    /// `[provision]` on a device that has no identity yet.
+    pub device: Option<Device>,
+    /// Where each part of the identity came from.
+    pub origins: Origins,
+    /// `identity.toml`, when it exists.
+    pub record: Option<IdentityRecord>,
     /// Trust anchors (PEM); `None` = built-in Amazon roots.
     pub ca: Option<PathBuf>,
     /// The CONNECT proxy for the endpoint: `proxy`, else `HTTPS_PROXY` unless `NO_PROXY`
@@ -179,8 +186,54 @@ pub struct Config {
     pub serve: Serve,
     /// `[sts]`: present when configured or when a chained role needs it.
     pub sts: Option<Sts>,
+    /// `[provision]` (SPEC §8).
+    pub provision: Option<Provision>,
+    /// `[rotation]` (SPEC §8).
+    pub rotation: Option<Rotation>,
     /// `[[role]]`, at least one; the first is the default role.
     pub roles: Vec<Role>,
+}
+
+/// The device certificate and its key.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Device {
+    /// Device certificate chain (PEM, leaf first).
+    pub certificate: PathBuf,
+    /// Private key: PEM file or PKCS#11 URI.
+    pub key: KeySource,
+}
+
+/// Where a part of the device identity came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Origin {
+    /// The configuration file.
+    Config,
+    /// `<state_dir>/identity.toml` (written by `provision` or `rotate`).
+    IdentityFile,
+    /// Nowhere (yet): `[provision]` will make it.
+    Missing,
+}
+
+impl Origin {
+    /// For `check`.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Origin::Config => "from the configuration file",
+            Origin::IdentityFile => "from identity.toml (provision/rotate)",
+            Origin::Missing => "not provisioned yet",
+        }
+    }
+}
+
+/// Where the thing name, the certificate and the key came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Origins {
+    /// `thing_name`.
+    pub thing_name: Origin,
+    /// `certificate`.
+    pub certificate: Origin,
+    /// `key`.
+    pub key: Origin,
 }
 
 /// `[refresh]`.
@@ -377,15 +430,80 @@ fn read_config(
     env: &ProxyEnv,
     path: &Path,
 ) -> Option<Config> {
-    let identity = read_identity(cx, root);
+    let runtime_dir = dir(cx, root, "runtime_dir", DEFAULT_RUNTIME_DIR);
+    let state_dir = dir(cx, root, "state_dir", DEFAULT_STATE_DIR);
+    let record = match &state_dir {
+        Some(d) => match IdentityRecord::load(d) {
+            Ok(r) => Some(r),
+            Err(e) => {
+                cx.report_at(None, e.to_string());
+                None
+            }
+        },
+        None => None,
+    };
     let proxy_setting = read_proxy_setting(cx, root);
+    let provision = match root.table("provision") {
+        None => Some(None),
+        Some(mut t) => {
+            let p = lifecycle::read_provision(cx, &mut t, env, proxy_setting.as_ref());
+            t.finish();
+            p.map(Some)
+        }
+    };
+    let rotation = match root.table("rotation") {
+        None => Some(None),
+        Some(mut t) => {
+            let r = lifecycle::read_rotation(cx, &mut t);
+            t.finish();
+            r.map(Some)
+        }
+    };
+    let has_provision = root.has("provision");
+    let identity = read_identity(
+        cx,
+        root,
+        record.as_ref().and_then(|r| r.as_ref()),
+        has_provision,
+    );
+    if let (Some(Some(p)), Some(None)) = (&provision, &record) {
+        // Not provisioned yet: provisioning needs the claim and the template.
+        for (missing, key, hint) in [
+            (
+                p.claim_certificate.is_none(),
+                "claim_certificate",
+                "the claim certificate's PEM file",
+            ),
+            (
+                p.claim_key.is_none(),
+                "claim_key",
+                "the claim key's PEM file or pkcs11: URI",
+            ),
+            (
+                p.template.is_none(),
+                "template",
+                "the fleet provisioning template's name",
+            ),
+        ] {
+            if missing && identity.device_missing {
+                cx.report_at(
+                    None,
+                    format!("`provision.{key}` is missing: the device has no identity yet; give {key} ({hint})"),
+                );
+            }
+        }
+    }
+    if root.has("rotation") && !has_provision {
+        cx.report_at(
+            None,
+            "[rotation] needs [provision] with the AWS IoT data `endpoint` (rotation uses the fleet provisioning MQTT API)",
+        );
+    }
     let proxy = match (&proxy_setting, &identity.endpoint) {
         (Some(setting), Some(ep)) => proxy_for(cx, setting, env, ep.host()),
         _ => None,
     };
     let timeout = root.int_in("timeout_seconds", 10, 1, 300);
-    let runtime_dir = dir(cx, root, "runtime_dir", DEFAULT_RUNTIME_DIR);
-    let state_dir = dir(cx, root, "state_dir", DEFAULT_STATE_DIR);
     let refresh = {
         let mut t = root.section("refresh");
         let r = read_refresh(cx, &mut t);
@@ -418,8 +536,9 @@ fn read_config(
         path: path.to_path_buf(),
         endpoint: identity.endpoint?,
         thing_name: identity.thing_name?,
-        certificate: identity.certificate?,
-        key: identity.key?,
+        device: identity.device?,
+        origins: identity.origins,
+        record: record?,
         ca: identity.ca?,
         proxy: proxy?,
         timeout: Duration::from_secs(timeout?),
@@ -428,6 +547,8 @@ fn read_config(
         refresh: refresh?,
         serve: serve?,
         sts: sts?,
+        provision: provision?,
+        rotation: rotation?,
         roles: roles.roles,
     })
 }
@@ -443,12 +564,21 @@ fn dir(cx: &Cx<'_>, t: &mut Table<'_, '_>, key: &'static str, default: &str) -> 
 struct Identity {
     endpoint: Option<Endpoint>,
     thing_name: Option<Option<ThingName>>,
-    certificate: Option<PathBuf>,
-    key: Option<KeySource>,
+    device: Option<Option<Device>>,
+    /// No certificate and key anywhere (allowed with `[provision]`).
+    device_missing: bool,
+    origins: Origins,
     ca: Option<Option<PathBuf>>,
 }
 
-fn read_identity(cx: &Cx<'_>, root: &mut Table<'_, '_>) -> Identity {
+/// The identity: `identity.toml`'s thing name, certificate and key override the file's;
+/// with `[provision]`, the certificate and key may be missing (not provisioned yet).
+fn read_identity(
+    cx: &Cx<'_>,
+    root: &mut Table<'_, '_>,
+    record: Option<&IdentityRecord>,
+    has_provision: bool,
+) -> Identity {
     let endpoint = root
         .required_str(
             "endpoint",
@@ -467,11 +597,26 @@ fn read_identity(cx: &Cx<'_>, root: &mut Table<'_, '_>) -> Identity {
             .check(&v, "thing_name", ThingName::new(v.value))
             .map(Some),
     };
-    let certificate = root
-        .required_str("certificate", "give the device certificate's PEM file")
-        .and_then(|v| cx.path(&v, "certificate"));
-    let key = root
-        .required_str("key", "give the device key's PEM file or a pkcs11: URI")
+    let optional = record.is_some() || has_provision;
+    let certificate = if optional && !root.has("certificate") {
+        root.skip(&["certificate"]);
+        Some(None)
+    } else {
+        root.required_str(
+            "certificate",
+            "give the device certificate's PEM file (or configure [provision])",
+        )
+        .and_then(|v| cx.path(&v, "certificate"))
+        .map(Some)
+    };
+    let key = if optional && !root.has("key") {
+        root.skip(&["key"]);
+        Some(None)
+    } else {
+        root.required_str(
+            "key",
+            "give the device key's PEM file or a pkcs11: URI (or configure [provision])",
+        )
         .and_then(|v| {
             if v.value
                 .trim_start()
@@ -482,17 +627,66 @@ fn read_identity(cx: &Cx<'_>, root: &mut Table<'_, '_>) -> Identity {
             } else {
                 cx.path(&v, "key").map(KeySource::Pem)
             }
-        });
+        })
+        .map(Some)
+    };
     let ca = match root.str("ca") {
         None => Some(None),
         Some(v) => cx.path(&v, "ca").map(Some),
     };
-    Identity {
-        endpoint,
-        thing_name,
-        certificate,
-        key,
-        ca,
+    let from_config = |present: bool| {
+        if present {
+            Origin::Config
+        } else {
+            Origin::Missing
+        }
+    };
+    match record {
+        Some(r) => Identity {
+            endpoint,
+            thing_name: thing_name.map(|_| Some(r.thing_name.clone())),
+            device: Some(Some(Device {
+                certificate: r.certificate.clone(),
+                key: r.key.clone(),
+            })),
+            device_missing: false,
+            origins: Origins {
+                thing_name: Origin::IdentityFile,
+                certificate: Origin::IdentityFile,
+                key: Origin::IdentityFile,
+            },
+            ca,
+        },
+        None => {
+            let origins = Origins {
+                thing_name: from_config(matches!(thing_name, Some(Some(_)))),
+                certificate: from_config(matches!(certificate, Some(Some(_)))),
+                key: from_config(matches!(key, Some(Some(_)))),
+            };
+            let (device, device_missing) = match (certificate, key) {
+                (Some(Some(certificate)), Some(Some(key))) => {
+                    (Some(Some(Device { certificate, key })), false)
+                }
+                (Some(None), Some(None)) => (Some(None), true),
+                (Some(None), Some(Some(_))) => {
+                    cx.report_at(None, "`key` is set but `certificate` is missing: give both, or neither and let [provision] make them");
+                    (None, false)
+                }
+                (Some(Some(_)), Some(None)) => {
+                    cx.report_at(None, "`certificate` is set but `key` is missing: give both, or neither and let [provision] make them");
+                    (None, false)
+                }
+                _ => (None, false),
+            };
+            Identity {
+                endpoint,
+                thing_name,
+                device,
+                device_missing,
+                origins,
+                ca,
+            }
+        }
     }
 }
 
@@ -958,8 +1152,14 @@ role_alias = "GatewayRole"
         let c = parse(MINIMAL).unwrap();
         assert_eq!(c.endpoint.port(), 443);
         assert_eq!(c.endpoint.region().as_deref(), Some("eu-west-1"));
-        assert_eq!(c.certificate, PathBuf::from("/etc/iotcred/device.pem"));
-        assert_eq!(c.key, KeySource::Pem("/etc/iotcred/device.key".into()));
+        assert_eq!(
+            c.device.as_ref().unwrap().certificate,
+            PathBuf::from("/etc/iotcred/device.pem")
+        );
+        assert_eq!(
+            c.device.as_ref().unwrap().key,
+            KeySource::Pem("/etc/iotcred/device.key".into())
+        );
         assert_eq!(c.timeout, Duration::from_secs(10));
         assert_eq!(c.runtime_dir, PathBuf::from("/run/iotcred"));
         assert_eq!(c.state_dir, PathBuf::from("/var/lib/iotcred"));
@@ -1368,8 +1568,11 @@ colour = \"blue\"
             "\"pkcs11:token=iotcred;object=device?module-path=/usr/lib/softhsm/libsofthsm2.so&pin-value=1234\"",
         );
         let c = parse(&t).unwrap();
-        assert!(matches!(c.key, KeySource::Pkcs11(_)));
-        assert!(!format!("{:?}", c.key).contains("1234"));
+        assert!(matches!(
+            c.device.as_ref().unwrap().key,
+            KeySource::Pkcs11(_)
+        ));
+        assert!(!format!("{:?}", c.device.as_ref().unwrap().key).contains("1234"));
         let e = one(&MINIMAL.replace("\"device.key\"", "\"pkcs11:bogus=1\""));
         assert!(e.starts_with("line 4: key:"), "{e}");
     }
@@ -1641,5 +1844,119 @@ assume_role_arn = "arn:aws:iam::210987654321:role/GatewayAnalytics"
         // IMDS may serve a chained role.
         let t = chained("").replace("[[role]]\nname = \"default\"", "[serve.imds]\nlisten = \"127.0.0.1:1\"\nrole = \"analytics\"\n[[role]]\nname = \"default\"");
         assert_eq!(parse(&t).unwrap().serve.imds.unwrap().role, "analytics");
+    }
+
+    const PROVISIONING: &str = r#"
+endpoint = "abc.credentials.iot.eu-west-1.amazonaws.com"
+state_dir = "STATE"
+[provision]
+endpoint = "a1-ats.iot.eu-west-1.amazonaws.com"
+claim_certificate = "claim.pem"
+claim_key = "claim.key"
+template = "GatewayFleetTemplate"
+parameters = { SerialNumber = "SN-0042" }
+startup_jitter_seconds = 0
+[rotation]
+before_days = 20
+template = "GatewayRotationTemplate"
+[[role]]
+name = "default"
+role_alias = "GatewayRole"
+"#;
+
+    #[test]
+    fn provision_without_an_identity_and_identity_toml_overrides() {
+        let d = tempfile::tempdir().unwrap();
+        let text = PROVISIONING.replace("STATE", &d.path().display().to_string());
+        let c = parse(&text).unwrap();
+        assert!(c.device.is_none());
+        assert_eq!(c.origins.certificate, Origin::Missing);
+        let p = c.provision.as_ref().unwrap();
+        assert_eq!(p.endpoint.addr().port(), MQTT_PORT);
+        assert_eq!(
+            p.parameters,
+            vec![("SerialNumber".to_string(), "SN-0042".to_string())]
+        );
+        assert_eq!(p.subject, "CN=iotcred");
+        assert_eq!(p.timeout, Duration::from_secs(30));
+        assert_eq!(c.rotation.as_ref().unwrap().before_days, 20);
+        // A record written by provision/rotate takes over.
+        let record = IdentityRecord {
+            thing_name: ThingName::new("gw-SN-0042").unwrap(),
+            certificate: d.path().join("certificates/ab.pem.crt"),
+            key: KeySource::Pem(d.path().join("keys/device.key")),
+            certificate_id: Some("ab".into()),
+            device_configuration: Default::default(),
+        };
+        record.write(d.path()).unwrap();
+        let c = parse(&text).unwrap();
+        assert_eq!(c.thing_name.as_ref().unwrap().as_str(), "gw-SN-0042");
+        assert_eq!(c.device.as_ref().unwrap().certificate, record.certificate);
+        assert_eq!(c.origins.key, Origin::IdentityFile);
+        // The roles' requests carry the recorded thing name.
+        match &c.roles[0].source {
+            RoleSource::Provider(p) => {
+                assert!(
+                    format!("{:?}", p.request).contains("gw-SN-0042"),
+                    "{:?}",
+                    p.request
+                )
+            }
+            RoleSource::Chained(_) => unreachable!(),
+        }
+        // A broken record is a configuration problem naming the file and the fix.
+        std::fs::write(d.path().join("identity.toml"), "thing_name = 1\n").unwrap();
+        let m = one(&text);
+        assert!(
+            m.contains("identity.toml") && m.contains("iotcred provision"),
+            "{m}"
+        );
+    }
+
+    #[test]
+    fn provision_and_rotation_problems() {
+        let d = tempfile::tempdir().unwrap();
+        let base = PROVISIONING.replace("STATE", &d.path().display().to_string());
+        let m = one(&base.replace("claim_certificate = \"claim.pem\"\n", ""));
+        assert!(
+            m.contains("provision.claim_certificate") && m.contains("no identity"),
+            "{m}"
+        );
+        let m = one(&base.replace(
+            "template = \"GatewayFleetTemplate\"",
+            "template = \"bad name\"",
+        ));
+        assert!(m.contains("provision.template"), "{m}");
+        let m = one(&base.replace(
+            "parameters = { SerialNumber = \"SN-0042\" }",
+            "parameters = { SerialNumber = 42 }",
+        ));
+        assert!(
+            m.contains("provision.parameters.SerialNumber") && m.contains("string"),
+            "{m}"
+        );
+        let m = one(&base.replace(
+            "before_days = 20\n",
+            "before_days = 20\nparameters = { ThingName = \"x\" }\n",
+        ));
+        assert!(m.contains("ThingName"), "{m}");
+        let m = one(&base.replace("template = \"GatewayRotationTemplate\"\n", ""));
+        assert!(m.contains("rotation.template"), "{m}");
+        let m = one(&base.replace(
+            "startup_jitter_seconds = 0",
+            "startup_jitter_seconds = 0\nfoo = 1",
+        ));
+        assert!(m.contains("unknown key `provision.foo`"), "{m}");
+        let m = one(&base.replace(
+            "claim_key = \"claim.key\"",
+            "claim_key = \"claim.key\"\nkey = \"pkcs11:token=t;object=o?pin-value=1234\"",
+        ));
+        assert!(m.contains("pin-source") && !m.contains("1234"), "{m}");
+        // [rotation] needs [provision]'s endpoint.
+        let m = one(&MINIMAL.replace("[[role]]", "[rotation]\ntemplate = \"T\"\n[[role]]"));
+        assert!(m.contains("[rotation] needs [provision]"), "{m}");
+        // Without [provision], certificate and key stay required.
+        let m = one(&MINIMAL.replace("certificate = \"device.pem\"\n", ""));
+        assert!(m.contains("`certificate` is missing"), "{m}");
     }
 }

@@ -145,23 +145,24 @@ fn same_source(a: &Role, b: &Role) -> bool {
     }
 }
 
-/// What the roles' sources run on: the device's upstream, and STS for chained roles.
+/// What the roles' sources run on: the device's upstream (none before provisioning), and STS
+/// for chained roles.
 #[derive(Debug)]
 struct Backends {
-    upstream: Arc<Upstream>,
+    upstream: Option<Arc<Upstream>>,
     sts: Option<Arc<StsClient>>,
     /// How long a chained role waits for its source role's credentials.
     wait: Duration,
 }
 
 impl Backends {
-    fn new(config: &Config, identity: tls::Identity) -> Result<Backends, StsSetupError> {
+    fn new(config: &Config, identity: Option<tls::Identity>) -> Result<Backends, StsSetupError> {
         let sts = match &config.sts {
             Some(s) => Some(Arc::new(StsClient::new(s, config.timeout)?)),
             None => None,
         };
         Ok(Backends {
-            upstream: Arc::new(Upstream::new(config, identity.client_config)),
+            upstream: identity.map(|i| Arc::new(Upstream::new(config, i.client_config))),
             sts,
             wait: config.timeout,
         })
@@ -170,9 +171,10 @@ impl Backends {
     /// The source of `role`; `handles` are every role's (a chained role reads its source's).
     fn source_for(&self, role: &Role, handles: &[RoleHandle]) -> Arc<dyn Source> {
         match &role.source {
-            RoleSource::Provider(p) => {
-                Arc::new(ProviderSource::new(self.upstream.clone(), p.clone()))
-            }
+            RoleSource::Provider(p) => match &self.upstream {
+                Some(upstream) => Arc::new(ProviderSource::new(upstream.clone(), p.clone())),
+                None => Arc::new(NotProvisioned),
+            },
             RoleSource::Chained(c) => {
                 let source = handles.iter().find(|h| *h.name == *c.source_role);
                 match (&self.sts, source) {
@@ -190,11 +192,57 @@ impl Backends {
     }
 }
 
+/// The source of a provider role before the device has an identity.
+#[derive(Debug)]
+struct NotProvisioned;
+
+/// A provider role's error before provisioning.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "not provisioned: the device has no identity yet (provisioning by claim is under way; see the identity section of /v1/health)"
+)]
+struct NotProvisionedError;
+
+impl crate::source::SourceFailure for NotProvisionedError {
+    fn class(&self) -> iotcred_core::ErrorClass {
+        iotcred_core::ErrorClass::Transient
+    }
+    fn retry_after(&self) -> Option<Duration> {
+        Some(Duration::from_secs(60))
+    }
+}
+
+impl Source for NotProvisioned {
+    fn fetch(
+        &self,
+    ) -> crate::source::BoxFuture<'_, Result<crate::source::Obtained, crate::source::SourceError>>
+    {
+        Box::pin(async { Err(NotProvisionedError.into()) })
+    }
+}
+
+/// How often `run` looks at `identity.toml` for a switch made by another process.
+const IDENTITY_POLL: Duration = Duration::from_secs(2);
+
+/// What identifies one version of `identity.toml`: an atomic replacement changes the inode.
+type FileStamp = Option<(u64, u64, i64, i64, u64)>;
+
+fn stamp(path: &std::path::Path) -> FileStamp {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path).ok()?;
+    Some((m.dev(), m.ino(), m.mtime(), m.mtime_nsec(), m.len()))
+}
+
 /// Runs the agent until SIGTERM/SIGINT. Returns the exit code.
 pub async fn run(config: Config) -> Exit {
-    let identity = match wait_for_identity(&config).await {
-        Ok(i) => i,
-        Err(code) => return code,
+    let identity = if config.device.is_some() {
+        match wait_for_identity(&config).await {
+            Ok(i) => Some(i),
+            Err(code) => return code,
+        }
+    } else {
+        tracing::info!("not provisioned yet: serving 503 until provisioning by claim succeeds");
+        None
     };
     if let Err(e) = std::fs::DirBuilder::new()
         .recursive(true)
@@ -210,9 +258,9 @@ pub async fn run(config: Config) -> Exit {
     tracing::info!(
         version = env!("CARGO_PKG_VERSION"),
         endpoint = %config.endpoint,
-        certificate = %identity.cert.subject,
-        certificate_expires = %identity.cert.not_after.rfc3339(),
-        key = %config.key,
+        certificate = %identity.as_ref().map(|i| i.cert.subject.as_str()).unwrap_or("none (not provisioned)"),
+        certificate_expires = %identity.as_ref().map(|i| i.cert.not_after.rfc3339().to_string()).unwrap_or_default(),
+        key = %config.device.as_ref().map(|d| d.key.to_string()).unwrap_or_default(),
         roles = config.roles.len(),
         "starting"
     );
@@ -227,7 +275,7 @@ pub async fn run(config: Config) -> Exit {
     let metrics = Arc::new(Metrics::new(&names));
     let clock = Clock::new();
 
-    let cert_pem = std::fs::read(&config.certificate).unwrap_or_default();
+    let cert_pem = device_cert_pem(&config);
     let roles = RoleSet::start(
         &config.roles,
         schedule_config(&config),
@@ -254,6 +302,24 @@ pub async fn run(config: Config) -> Exit {
         metrics.clone(),
         &serve_cfg,
     );
+    let identity_status = crate::lifecycle::Status::default();
+    let (jobs_tx, jobs_rx) = tokio::sync::mpsc::channel(8);
+    let (done_tx, mut done_rx) = tokio::sync::mpsc::channel(1);
+    let (config_tx, config_rx) = watch::channel(Arc::new(generation.config.clone()));
+    let (worker_stop_tx, worker_stop_rx) = watch::channel(false);
+    server_state.set_lifecycle(server::Lifecycle {
+        status: identity_status.clone(),
+        jobs: jobs_tx,
+    });
+    let worker = tokio::spawn(crate::lifecycle::worker::run(
+        config_rx,
+        jobs_rx,
+        done_tx,
+        identity_status,
+        worker_stop_rx,
+    ));
+    let identity_file = crate::identity::IdentityRecord::path(&generation.config.state_dir);
+    let mut identity_stamp = stamp(&identity_file);
     let (server_stop_tx, server_stop_rx) = watch::channel(false);
     let server_task = {
         let state = server_state.clone();
@@ -267,6 +333,14 @@ pub async fn run(config: Config) -> Exit {
     };
 
     let mut status = StatusReporter::new();
+    if generation.config.device.is_none() {
+        // Up and answering (503 until provisioned): systemd must not time the start out.
+        status.ready = true;
+        sdnotify::ready();
+        sdnotify::status("not provisioned: provisioning by claim");
+    }
+    let mut identity_poll = tokio::time::interval(IDENTITY_POLL);
+    identity_poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let (mut sigterm, mut sigint, mut sighup) = match (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
@@ -296,8 +370,47 @@ pub async fn run(config: Config) -> Exit {
             }
             _ = watchdog_tick.tick(), if watchdog.is_some() => sdnotify::watchdog(),
             _ = changes.changed() => {}
+            _ = identity_poll.tick() => {
+                let now = stamp(&identity_file);
+                if now != identity_stamp {
+                    identity_stamp = now;
+                    tracing::info!(path = %identity_file.display(), "identity.toml changed: reloading");
+                    generation = reload(generation, &metrics, clock, &server_state).await;
+                    changes = merged_changes(generation.roles.handles());
+                    let _ = config_tx.send(Arc::new(generation.config.clone()));
+                }
+            }
+            Some(finished) = done_rx.recv() => {
+                let crate::lifecycle::worker::Finished { result, reply, ack, .. } = finished;
+                if matches!(&result, Ok(o) if o.switched) {
+                    identity_stamp = stamp(&identity_file);
+                    generation = reload(generation, &metrics, clock, &server_state).await;
+                    changes = merged_changes(generation.roles.handles());
+                    let _ = config_tx.send(Arc::new(generation.config.clone()));
+                    status.reloaded();
+                }
+                if let Ok(crate::lifecycle::Outcome { retired: Some(old), .. }) = &result {
+                    // The running generation no longer uses the old key: destroy it.
+                    let in_use = generation.config.device.as_ref().is_some_and(|d| d.key == old.key);
+                    if in_use {
+                        tracing::warn!("the reload onto the new identity failed: the old key is kept");
+                    } else {
+                        crate::lifecycle::retire(old);
+                    }
+                }
+                let answer = match &result {
+                    Ok(o) => (Exit::Ok, o.lines.join("\n")),
+                    Err(e) => (e.exit, e.to_string()),
+                };
+                if let Some(reply) = reply {
+                    let _ = reply.send(answer);
+                }
+                let _ = ack.send(());
+            }
         }
     }
+    let _ = worker_stop_tx.send(true);
+    worker.abort();
 
     tracing::info!("stopping");
     sdnotify::stopping();
@@ -378,12 +491,15 @@ async fn reload(
             return old;
         }
     };
-    let identity = match tls::load_identity(&new_config) {
-        Ok(i) => i,
-        Err(e) => {
-            refuse(&e);
-            return old;
-        }
+    let identity = match new_config.device {
+        None => None,
+        Some(_) => match tls::load_identity(&new_config) {
+            Ok(i) => Some(i),
+            Err(e) => {
+                refuse(&e);
+                return old;
+            }
+        },
     };
     let backends = match Backends::new(&new_config, identity) {
         Ok(b) => b,
@@ -395,11 +511,10 @@ async fn reload(
     if new_config.serve != old.config.serve || new_config.runtime_dir != old.config.runtime_dir {
         tracing::warn!("[serve] and runtime_dir changes take effect at the next restart");
     }
-    let cert_pem = std::fs::read(&new_config.certificate).unwrap_or_default();
+    let cert_pem = device_cert_pem(&new_config);
     let identity_changed = !(new_config.endpoint == old.config.endpoint
-        && new_config.certificate == old.config.certificate
+        && new_config.device == old.config.device
         && cert_pem == old.cert_pem
-        && new_config.key.to_string() == old.config.key.to_string()
         && new_config.thing_name == old.config.thing_name
         && new_config.ca == old.config.ca);
     let Generation {
@@ -407,7 +522,11 @@ async fn reload(
         roles,
         ..
     } = old;
-    let stopped = roles.stop().await;
+    let mut stopped = roles.stop().await;
+    if old_config.device.is_none() {
+        // Nothing was ever fetched without an identity: start every role afresh.
+        stopped.clear();
+    }
     let kept = carried(
         &old_config.roles,
         &new_config.roles,
@@ -456,6 +575,7 @@ fn merged_changes(handles: &[RoleHandle]) -> watch::Receiver<()> {
 /// Sends READY=1 once every role holds credentials (on-demand roles count as ready) and STATUS
 /// lines with the next refresh.
 struct StatusReporter {
+    /// READY=1 was sent.
     ready: bool,
     last: String,
 }
@@ -522,6 +642,15 @@ impl StatusReporter {
             self.last = line;
         }
     }
+}
+
+/// The device certificate file's bytes (empty when unreadable or not provisioned).
+fn device_cert_pem(config: &Config) -> Vec<u8> {
+    config
+        .device
+        .as_ref()
+        .and_then(|d| std::fs::read(&d.certificate).ok())
+        .unwrap_or_default()
 }
 
 #[cfg(test)]

@@ -85,6 +85,24 @@ enum Command {
         #[arg(long, value_name = "NAME")]
         role: Option<String>,
     },
+    /// Fleet provisioning by claim over MQTT: make the device key, certificate and thing (does nothing on a provisioned device).
+    Provision {
+        /// Configuration file [default: $IOTCRED_CONFIG or /etc/iotcred/config.toml]
+        #[arg(long, value_name = "PATH")]
+        config: Option<PathBuf>,
+        /// Only check the config, the claim certificate and key, and the MQTT connection.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Replace the device certificate and key now if expiry is within [rotation] before_days.
+    Rotate {
+        /// Configuration file [default: $IOTCRED_CONFIG or /etc/iotcred/config.toml]
+        #[arg(long, value_name = "PATH")]
+        config: Option<PathBuf>,
+        /// Rotate even if expiry is not near.
+        #[arg(long)]
+        force: bool,
+    },
     /// Generate a device key (in a PKCS#11 token, or a 0600 PEM file) and a PKCS#10 CSR.
     Keygen {
         /// pkcs11: URI (RFC 7512) or PEM file path for the new key.
@@ -159,6 +177,14 @@ fn main() -> ExitCode {
             role.as_deref(),
             Format::CredentialProcess,
         ),
+        Command::Provision { config, dry_run } => {
+            commands::init_logging("info");
+            commands::provision(config.as_deref(), dry_run)
+        }
+        Command::Rotate { config, force } => {
+            commands::init_logging("info");
+            commands::rotate(config.as_deref(), force)
+        }
         Command::Keygen {
             key,
             subject,

@@ -55,6 +55,11 @@ pub enum IdentityError {
     /// rustls refused the configuration.
     #[error("TLS setup: {0}")]
     Rustls(#[from] rustls::Error),
+    /// The device has no identity yet (`[provision]` makes it).
+    #[error(
+        "not provisioned: the device has no certificate yet; `iotcred provision` (or `iotcred run`) makes one with [provision]"
+    )]
+    NotProvisioned,
 }
 
 /// Facts about the device certificate, for `check` and logs.
@@ -223,22 +228,42 @@ pub fn client_config(
 /// Loads and checks everything the exchange needs: chain, key (and that they match), validity
 /// against the wall clock, trust anchors.
 pub fn load_identity(config: &Config) -> Result<Identity, IdentityError> {
-    let chain = load_chain(&config.certificate)?;
-    let cert = inspect_leaf(&chain, &config.certificate, UnixTime::now())?;
-    let key = keys::load_signing_key(&config.key)?;
+    let device = config
+        .device
+        .as_ref()
+        .ok_or(IdentityError::NotProvisioned)?;
+    load_device(&device.certificate, &device.key, config.ca.as_deref())
+}
+
+/// Loads and checks a certificate chain and its key (they must match, and the leaf be valid
+/// now), with the trust anchors `ca` (`None` = the built-in Amazon roots).
+pub fn load_device(
+    certificate: &Path,
+    key_source: &keys::KeySource,
+    ca: Option<&Path>,
+) -> Result<Identity, IdentityError> {
+    let chain = load_chain(certificate)?;
+    let cert = inspect_leaf(&chain, certificate, UnixTime::now())?;
+    let key = keys::load_signing_key(key_source)?;
     let key_spki = keys::spki_of(key.as_ref())?;
     if leaf_spki(&chain[0]).as_deref() != Some(key_spki.as_slice()) {
         return Err(IdentityError::Mismatch {
-            path: config.certificate.display().to_string(),
-            key: config.key.to_string(),
+            path: certificate.display().to_string(),
+            key: key_source.to_string(),
         });
     }
-    let roots = root_store(config.ca.as_deref())?;
+    let roots = root_store(ca)?;
     let client_config = client_config(roots, chain, key)?;
     Ok(Identity {
         client_config,
         cert,
     })
+}
+
+/// The leaf's SubjectPublicKeyInfo DER of a PEM certificate.
+pub fn certificate_spki(pem: &[u8]) -> Option<Vec<u8>> {
+    let leaf = CertificateDer::pem_slice_iter(pem).next()?.ok()?;
+    leaf_spki(&leaf)
 }
 
 #[cfg(test)]

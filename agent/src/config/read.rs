@@ -259,6 +259,38 @@ impl<'t, 'i> Table<'t, 'i> {
         ok.then_some(ids)
     }
 
+    /// An optional table of strings (`parameters = { SerialNumber = "SN-1" }`), in file order;
+    /// empty when absent.
+    pub fn strings(&mut self, key: &'static str) -> Option<Vec<(String, String)>> {
+        let Some(v) = self.get(key) else {
+            return Some(Vec::new());
+        };
+        let Some(t) = v.get_ref().as_table() else {
+            self.wrong_type(key, v, "a table of strings, e.g. { Name = \"value\" }");
+            return None;
+        };
+        let mut out = Vec::with_capacity(t.len());
+        let mut ok = true;
+        for (k, item) in t.iter() {
+            match item.get_ref().as_str() {
+                Some(s) => out.push((k.get_ref().to_string(), s.to_string())),
+                None => {
+                    self.cx.report_at(
+                        Some(item.span()),
+                        format!(
+                            "`{}.{}` must be a string, not {}",
+                            self.key_name(key),
+                            k.get_ref(),
+                            with_article(item.get_ref().type_str())
+                        ),
+                    );
+                    ok = false;
+                }
+            }
+        }
+        ok.then_some(out)
+    }
+
     /// Marks `keys` as known without reading them (after a problem that makes them moot).
     pub fn skip(&mut self, keys: &[&'static str]) {
         self.known.extend_from_slice(keys);

@@ -188,6 +188,12 @@ async fn route(
             return (route, error(StatusCode::BAD_REQUEST, BAD_REQUEST));
         }
     }
+    if let (Peer::Unix { uid, .. }, Some(kind)) = (peer, identity_target(req)) {
+        return (
+            Route::Other,
+            identity_job(shared, *uid, kind, req.method()).await,
+        );
+    }
     if req.method() != Method::GET {
         let mut r = error(StatusCode::METHOD_NOT_ALLOWED, METHOD_NOT_ALLOWED);
         r.headers_mut()
@@ -196,7 +202,10 @@ async fn route(
     }
     let resp = match target {
         None => error(StatusCode::NOT_FOUND, NOT_FOUND),
-        Some(Target::Health) => health(&shared.state.table().roles),
+        Some(Target::Health) => health(
+            &shared.state.table().roles,
+            shared.state.lifecycle().map(|l| &l.status),
+        ),
         Some(Target::Metrics) => metrics(shared),
         Some(Target::Credentials(name)) => {
             credentials(shared, peer, cache, name, req.headers()).await
@@ -356,7 +365,67 @@ fn peer_allowed(role: &RoleHandle, uid: Option<u32>, gid: Option<u32>) -> bool {
         || gid.is_some_and(|g| role.allow_gids.contains(&g))
 }
 
-fn health(roles: &[RoleHandle]) -> Response<Body> {
+/// `POST /v1/identity/provision` and `POST /v1/identity/rotate[?force=true]` (Unix socket only).
+fn identity_target(req: &Request<Incoming>) -> Option<super::JobKind> {
+    match req.uri().path() {
+        "/v1/identity/provision" => Some(super::JobKind::Provision),
+        "/v1/identity/rotate" => Some(super::JobKind::Rotate {
+            force: req
+                .uri()
+                .query()
+                .is_some_and(|q| q.split('&').any(|kv| kv == "force=true" || kv == "force=1")),
+        }),
+        _ => None,
+    }
+}
+
+/// Runs an identity job for a peer that is root or the agent's own user, and answers
+/// `{"exit":N,"message":"…"}` when it has finished.
+async fn identity_job(
+    shared: &Shared,
+    uid: Option<u32>,
+    kind: super::JobKind,
+    method: &Method,
+) -> Response<Body> {
+    if method != Method::POST {
+        let mut r = error(StatusCode::METHOD_NOT_ALLOWED, METHOD_NOT_ALLOWED_POST);
+        r.headers_mut()
+            .insert(header::ALLOW, HeaderValue::from_static("POST"));
+        return r;
+    }
+    // SAFETY: geteuid has no preconditions.
+    let own = unsafe { libc::geteuid() };
+    if !uid.is_some_and(|u| u == 0 || u == own) {
+        return error(StatusCode::FORBIDDEN, IDENTITY_FORBIDDEN);
+    }
+    let Some(lifecycle) = shared.state.lifecycle() else {
+        return error(StatusCode::SERVICE_UNAVAILABLE, IDENTITY_UNAVAILABLE);
+    };
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let job = super::IdentityJob {
+        kind,
+        reply: Some(tx),
+    };
+    if lifecycle.jobs.send(job).await.is_err() {
+        return error(StatusCode::SERVICE_UNAVAILABLE, IDENTITY_UNAVAILABLE);
+    }
+    let (exit, message) = match rx.await {
+        Ok(r) => r,
+        Err(_) => (
+            crate::exit::Exit::Other,
+            "the agent stopped before the job finished".to_string(),
+        ),
+    };
+    let body = serde_json::json!({ "exit": exit.code(), "message": message });
+    let bytes = serde_json::to_vec(&body).unwrap_or_default();
+    let mut r = Response::new(Full::new(Chunk::Owned(bytes, 0)));
+    let h = r.headers_mut();
+    h.insert(header::CONTENT_TYPE, JSON);
+    h.insert(header::CACHE_CONTROL, NO_STORE);
+    r
+}
+
+fn health(roles: &[RoleHandle], identity: Option<&crate::lifecycle::Status>) -> Response<Body> {
     let wall = UnixTime::now();
     let mut all_healthy = true;
     let list: Vec<serde_json::Value> = roles
@@ -391,10 +460,19 @@ fn health(roles: &[RoleHandle]) -> Response<Body> {
             })
         })
         .collect();
-    let body = serde_json::json!({
+    let mut body = serde_json::json!({
         "status": if all_healthy { "healthy" } else { "unhealthy" },
         "roles": list,
     });
+    if let Some(status) = identity {
+        let provisioned =
+            status.snapshot().identity == crate::lifecycle::IdentityState::Provisioned;
+        if !provisioned {
+            all_healthy = false;
+            body["status"] = serde_json::Value::from("unhealthy");
+        }
+        body["identity"] = status.health_json();
+    }
     let bytes = serde_json::to_vec(&body).unwrap_or_default();
     let mut r = Response::new(Full::new(Chunk::Owned(bytes, 0)));
     if !all_healthy {
@@ -407,10 +485,13 @@ fn health(roles: &[RoleHandle]) -> Response<Body> {
 }
 
 fn metrics(shared: &Shared) -> Response<Body> {
-    let text = shared
+    let mut text = shared
         .state
         .metrics
         .render(&shared.state.table().roles, UnixTime::now());
+    if let Some(l) = shared.state.lifecycle() {
+        l.status.render_metrics(&mut text);
+    }
     let mut r = Response::new(Full::new(Chunk::Owned(text.into_bytes(), 0)));
     let h = r.headers_mut();
     h.insert(header::CONTENT_TYPE, PROMETHEUS);
@@ -420,6 +501,10 @@ fn metrics(shared: &Shared) -> Response<Body> {
 
 const BAD_REQUEST: &str = r#"{"code":"BadRequest","message":"requests on the TCP listener must name it in Host (localhost, 127.0.0.1 or [::1] on loopback; the listener's own address, e.g. 169.254.170.2, on a link-local listener) and carry no X-Forwarded-For"}"#;
 const METHOD_NOT_ALLOWED: &str = r#"{"code":"MethodNotAllowed","message":"only GET is allowed"}"#;
+const METHOD_NOT_ALLOWED_POST: &str = r#"{"code":"MethodNotAllowed","message":"use POST for /v1/identity/provision and /v1/identity/rotate"}"#;
+const IDENTITY_FORBIDDEN: &str = r#"{"code":"Forbidden","message":"only root or the agent's own user may ask for provisioning or rotation"}"#;
+const IDENTITY_UNAVAILABLE: &str =
+    r#"{"code":"Unavailable","message":"the agent does not take identity jobs right now"}"#;
 const NOT_FOUND: &str = r#"{"code":"NotFound","message":"no such route; use /v1/credentials, /v1/credentials/{role}, /v1/health or /v1/metrics"}"#;
 const UNKNOWN_ROLE: &str = r#"{"code":"NotFound","message":"unknown role; the configured roles are listed by /v1/health"}"#;
 const UNAUTHORIZED: &str = r#"{"code":"Unauthorized","message":"missing or wrong Authorization token; send the contents of <runtime_dir>/<role>.token (AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE)"}"#;

@@ -301,6 +301,7 @@ impl Listeners {
 pub struct ServerState {
     table: RwLock<Arc<RoleTable>>,
     metrics: Arc<Metrics>,
+    lifecycle: std::sync::OnceLock<Lifecycle>,
     request_wait: Duration,
     runtime_dir: PathBuf,
 }
@@ -324,6 +325,7 @@ impl ServerState {
                 tokens,
             })),
             metrics,
+            lifecycle: std::sync::OnceLock::new(),
             request_wait: cfg.request_wait,
             runtime_dir: cfg.runtime_dir.clone(),
         })
@@ -337,6 +339,16 @@ impl ServerState {
     /// The metrics.
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.metrics
+    }
+
+    /// Connects the identity's status (health, metrics) and the queue of provisioning and
+    /// rotation requests (the Unix socket's `POST /v1/identity/…`). Set once.
+    pub fn set_lifecycle(&self, lifecycle: Lifecycle) {
+        let _ = self.lifecycle.set(lifecycle);
+    }
+
+    fn lifecycle(&self) -> Option<&Lifecycle> {
+        self.lifecycle.get()
     }
 
     /// Replaces the served roles (configuration reload). Roles that stay keep their token; a
@@ -432,6 +444,36 @@ pub async fn bind_with_activation(
     let mut listeners = listen::bind_with(cfg, roles, activation).await?;
     listeners.imds = imds;
     Ok(listeners)
+}
+
+/// The identity's status and the daemon's queue of identity jobs.
+#[derive(Debug, Clone)]
+pub struct Lifecycle {
+    /// What health and metrics show.
+    pub status: crate::lifecycle::Status,
+    /// Where `POST /v1/identity/provision|rotate` sends its job.
+    pub jobs: tokio::sync::mpsc::Sender<IdentityJob>,
+}
+
+/// A provisioning or rotation asked for over the Unix socket.
+#[derive(Debug)]
+pub struct IdentityJob {
+    /// Which.
+    pub kind: JobKind,
+    /// Where the result goes: the exit code of SPEC §5 and the lines to print.
+    pub reply: Option<tokio::sync::oneshot::Sender<(crate::exit::Exit, String)>>,
+}
+
+/// What an identity job does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum JobKind {
+    /// `iotcred provision`.
+    Provision,
+    /// `iotcred rotate [--force]`.
+    Rotate {
+        /// Even if not due.
+        force: bool,
+    },
 }
 
 /// Per-connection context shared by all connections.
