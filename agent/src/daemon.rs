@@ -303,6 +303,9 @@ pub async fn run(config: Config) -> Exit {
         &serve_cfg,
     );
     let identity_status = crate::lifecycle::Status::default();
+    if generation.config.device.is_none() {
+        identity_status.update(|s| s.identity = crate::lifecycle::IdentityState::NotProvisioned);
+    }
     let (jobs_tx, jobs_rx) = tokio::sync::mpsc::channel(8);
     let (done_tx, mut done_rx) = tokio::sync::mpsc::channel(1);
     let (config_tx, config_rx) = watch::channel(Arc::new(generation.config.clone()));

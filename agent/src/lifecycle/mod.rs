@@ -480,13 +480,31 @@ pub async fn provision(config: &Config, dry_run: bool) -> Result<Outcome, Lifecy
             p
         }
         None => {
-            let key = p.key.clone().unwrap_or_else(|| {
-                KeySource::Pem(
+            let key = match &p.key {
+                None => KeySource::Pem(
                     state_dir
                         .join(identity::KEYS_DIR)
                         .join(format!("device-{}.key", random_hex(8))),
-                )
-            });
+                ),
+                // A label without an id gets a new random id, so that this key stays apart
+                // from the keys later rotations make under the same label — unless a key with
+                // that label already exists (made by the user): then it is used as configured.
+                Some(KeySource::Pkcs11(uri)) if uri.id.is_none() => {
+                    let src = KeySource::Pkcs11(uri.clone());
+                    if blocking(|| keys::key_exists(&src)).map_err(|e| cx.key(e))? {
+                        src
+                    } else {
+                        KeySource::Pkcs11(uri.with_new_id().map_err(|e| {
+                            cx.err(
+                                Step::Key,
+                                Exit::Other,
+                                format!("no randomness for a new key id: {e}"),
+                            )
+                        })?)
+                    }
+                }
+                Some(k) => k.clone(),
+            };
             let fresh = Pending {
                 key,
                 certificate: None,
