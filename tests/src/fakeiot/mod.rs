@@ -20,6 +20,7 @@
 //! ```
 
 pub mod broker;
+pub mod device;
 pub mod mqtt;
 pub mod registry;
 

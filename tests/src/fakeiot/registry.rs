@@ -212,6 +212,7 @@ struct Inner {
     wrong_public_key: bool,
     single_use_tokens: bool,
     provider_frozen: Option<HashSet<String>>,
+    provider_seen: Vec<String>,
 }
 
 /// The fake IoT's registry and knobs. Cheap to share (`Arc`); every method takes `&self`.
@@ -260,6 +261,7 @@ impl Registry {
                 wrong_public_key: false,
                 single_use_tokens: false,
                 provider_frozen: None,
+                provider_seen: Vec::new(),
             }),
             changed: Condvar::new(),
             ca: Mutex::new(None),
@@ -412,6 +414,17 @@ impl Registry {
             .into_iter()
             .filter(|c| c.status == CertStatus::Active && c.thing.as_deref() == Some(thing))
             .collect()
+    }
+
+    /// Every ownership token issued (secrets: for the tests' search of logs).
+    pub fn tokens(&self) -> Vec<String> {
+        self.lock().tokens.keys().cloned().collect()
+    }
+
+    /// Ids of the client certificates the credentials provider checked, in order (an id that
+    /// is not in the registry too).
+    pub fn provider_seen(&self) -> Vec<String> {
+        self.lock().provider_seen.clone()
     }
 
     /// Blocks until `pred` holds for the counters or `limit` passes; returns whether it held.
@@ -694,6 +707,7 @@ impl Registry {
         let id = certificate_id(leaf_der);
         let mut st = self.lock();
         st.counters.provider_checks += 1;
+        st.provider_seen.push(id.clone());
         let verdict = match st.certs.get(&id) {
             Some(c) if c.status != CertStatus::Active => Err("Access Denied".to_owned()),
             Some(c) if thing_name.is_some() && c.thing.as_deref() != thing_name => {
