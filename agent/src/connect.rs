@@ -26,6 +26,9 @@ pub enum Service {
     Provider,
     /// STS, for chained roles (`[sts] endpoint`, `[sts] ca`).
     Sts,
+    /// The AWS IoT MQTT broker, for provisioning and rotation (`[provision] endpoint`,
+    /// `[provision] ca`).
+    Mqtt,
 }
 
 impl Service {
@@ -34,6 +37,7 @@ impl Service {
         match self {
             Service::Provider => "",
             Service::Sts => "STS at ",
+            Service::Mqtt => "the MQTT broker at ",
         }
     }
 
@@ -41,6 +45,7 @@ impl Service {
         match self {
             Service::Provider => "`endpoint`",
             Service::Sts => "[sts] endpoint",
+            Service::Mqtt => "[provision] endpoint",
         }
     }
 
@@ -48,6 +53,7 @@ impl Service {
         match self {
             Service::Provider => "`ca`",
             Service::Sts => "[sts] ca",
+            Service::Mqtt => "[provision] ca",
         }
     }
 }
@@ -126,6 +132,19 @@ impl std::fmt::Display for TlsFailure {
             )) if *service == Service::Provider => write!(
                 f,
                 "{target} rejected the device certificate during TLS: check that the certificate is registered and ACTIVE in AWS IoT and matches the key"
+            ),
+            Some(E::AlertReceived(
+                A::BadCertificate
+                | A::CertificateRequired
+                | A::UnknownCA
+                | A::CertificateUnknown
+                | A::AccessDenied
+                | A::CertificateRevoked
+                | A::CertificateExpired
+                | A::UnsupportedCertificate,
+            )) if *service == Service::Mqtt => write!(
+                f,
+                "the MQTT broker at {target} rejected the client certificate during TLS: check that the certificate (the claim certificate when provisioning, else the device certificate) is registered and ACTIVE in AWS IoT, matches the key, and has a policy attached"
             ),
             Some(E::InvalidCertificate(C::NotValidYet | C::NotValidYetContext { .. })) => write!(
                 f,

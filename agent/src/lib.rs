@@ -19,6 +19,7 @@ mod der;
 pub mod exit;
 pub mod keys;
 pub mod metrics;
+pub mod mqtt;
 pub mod net;
 pub mod peer;
 mod refresh;

@@ -13,6 +13,7 @@ extern crate std;
 pub mod credentials;
 pub mod exchange;
 pub mod http;
+pub mod lifecycle;
 pub mod render;
 pub mod request;
 pub mod schedule;

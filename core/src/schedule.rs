@@ -583,7 +583,7 @@ fn millis(d: Duration) -> u64 {
 
 /// A uniform draw in `[low, high]` (inclusive) from a uniform `random`; `low` when `high < low`.
 /// Exact (every value reachable, `high` at `random = u32::MAX`) for spans below 2^32 ms.
-fn draw(low: u64, high: u64, random: u32) -> u64 {
+pub(crate) fn draw(low: u64, high: u64, random: u32) -> u64 {
     let span = u128::from(high.saturating_sub(low)) + 1;
     // < span ≤ 2^64, so it fits.
     let offset = (u128::from(random) * span) >> 32;

@@ -525,6 +525,143 @@ fn child_softhsm_keygen_makes_non_extractable_keys_and_valid_csrs() {
     sign_and_verify(&new, new.spki(), SignatureScheme::ECDSA_NISTP256_SHA256);
 }
 
+// ---- rotation in the token: a new key with the same label and a new id ----
+
+#[test]
+fn softhsm_rotation_key_same_label_new_id_then_exact_destroy() {
+    let (hsm, pin_file) = softhsm_with_token();
+    let uri = format!(
+        "pkcs11:token={TOKEN};object=device;id=%01?module-path={SOFTHSM_MODULE}&pin-source=file:{}",
+        pin_file.display()
+    );
+    let rsa_uri = format!(
+        "pkcs11:token={TOKEN};object=device-rsa;id=%02?module-path={SOFTHSM_MODULE}&pin-source=file:{}",
+        pin_file.display()
+    );
+    let new_id_out = hsm.dir().join("new-id");
+    run_child(
+        "softhsm_rotation_key_same_label_new_id_then_exact_destroy",
+        &child_env(
+            &hsm,
+            &[
+                ("URI_OLD", uri),
+                ("URI_RSA", rsa_uri),
+                ("NEW_ID_OUT", new_id_out.display().to_string()),
+            ],
+        ),
+    );
+    // pkcs11-tool's view: under the label `device` only the new key's pair is left.
+    let new_id = std::fs::read_to_string(&new_id_out).unwrap();
+    let out = hsm
+        .command("pkcs11-tool")
+        .args(["--module", SOFTHSM_MODULE, "--token-label", TOKEN])
+        .args(["--login", "--pin", PIN, "--list-objects"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let listing = String::from_utf8_lossy(&out.stdout);
+    let objects: Vec<&str> = listing
+        .split("Object;")
+        .filter(|b| b.contains("label:      device\n"))
+        .collect();
+    assert_eq!(objects.len(), 2, "{listing}");
+    for o in &objects {
+        assert!(o.contains(&format!("ID:         {new_id}\n")), "{o}");
+    }
+    assert!(!listing.contains("ID:         01\n"), "{listing}");
+}
+
+#[test]
+#[ignore = "runs in a child process of softhsm_rotation_key_same_label_new_id_then_exact_destroy"]
+fn child_softhsm_rotation_key_same_label_new_id_then_exact_destroy() {
+    if !in_child("child_softhsm_rotation_key_same_label_new_id_then_exact_destroy") {
+        return;
+    }
+    let subject = "CN=gateway-0042,O=Example";
+    let old_src = KeySource::parse(&param("URI_OLD")).unwrap();
+    let KeySource::Pkcs11(old_uri) = &old_src else {
+        unreachable!()
+    };
+    keys::keygen(&old_src, subject, Algorithm::EcP256, false).unwrap();
+    assert!(keys::key_exists(&old_src).unwrap());
+    let old_spki = Pkcs11Key::open(old_uri).unwrap().spki().to_vec();
+
+    // The new key's place: same label, a new random id; the URI's text parses back.
+    let new_uri = old_uri.with_new_id().unwrap();
+    assert_eq!(
+        keys::Pkcs11Uri::parse(&new_uri.to_string()).unwrap(),
+        new_uri
+    );
+    let new_src = KeySource::Pkcs11(new_uri.clone());
+    assert!(!keys::key_exists(&new_src).unwrap());
+    // Plain keygen refuses (the label is taken); keygen_exact only minds label AND id.
+    let err = keys::keygen(&new_src, subject, Algorithm::EcP256, false).unwrap_err();
+    assert!(matches!(err, KeyError::KeyExists(_)), "{err}");
+    let csr = keys::keygen_exact(&new_src, subject, Algorithm::EcP256).unwrap();
+    let err = keys::keygen_exact(&new_src, subject, Algorithm::EcP256).unwrap_err();
+    assert!(matches!(err, KeyError::KeyExists(_)), "{err}");
+    assert!(keys::key_exists(&new_src).unwrap());
+
+    // Each URI (label and id) opens exactly its own key.
+    let new = Pkcs11Key::open(&new_uri).unwrap();
+    assert_ne!(new.spki(), old_spki.as_slice());
+    assert_eq!(
+        Pkcs11Key::open(old_uri).unwrap().spki(),
+        old_spki.as_slice()
+    );
+    let a = new.attributes().unwrap();
+    assert!(a.token && a.private && a.sign, "{a:?}");
+    assert!(a.sensitive && a.always_sensitive, "{a:?}");
+    assert!(!a.extractable && a.never_extractable, "{a:?}");
+    sign_and_verify(&new, new.spki(), SignatureScheme::ECDSA_NISTP256_SHA256);
+    // The keygen CSR, and one made again for the existing key (a resumed run), verify and
+    // carry the new key.
+    for csr in [csr, keys::csr_for_existing(&new_src, subject).unwrap()] {
+        let parsed = rcgen::CertificateSigningRequestParams::from_pem(&csr).unwrap();
+        assert_eq!(
+            rcgen::PublicKeyData::subject_public_key_info(&parsed.public_key),
+            new.spki()
+        );
+    }
+    // RSA in the token: the CSR is signed with RSA PKCS#1 v1.5 SHA-256.
+    let rsa_src = KeySource::parse(&param("URI_RSA")).unwrap();
+    keys::keygen_exact(&rsa_src, subject, Algorithm::Rsa2048).unwrap();
+    let csr = keys::csr_for_existing(&rsa_src, subject).unwrap();
+    let parsed = rcgen::CertificateSigningRequestParams::from_pem(&csr).unwrap();
+    assert_eq!(
+        rcgen::PublicKeyData::algorithm(&parsed.public_key),
+        &rcgen::PKCS_RSA_SHA256
+    );
+
+    // The label alone now names two keys: opening and destroying by it are refused.
+    let by_label = keys::Pkcs11Uri {
+        id: None,
+        ..old_uri.clone()
+    };
+    let err = Pkcs11Key::open(&by_label).unwrap_err();
+    assert!(
+        matches!(err, KeyError::AmbiguousKey { count: 2, .. }),
+        "{err}"
+    );
+    let err = keys::destroy_key(&KeySource::Pkcs11(by_label.clone())).unwrap_err();
+    assert!(matches!(err, KeyError::AmbiguousKey { .. }), "{err}");
+
+    // Destroying the old key leaves the new one whole (it still loads, with its public key
+    // object, and signs); destroying it again is fine.
+    keys::destroy_key(&old_src).unwrap();
+    assert!(!keys::key_exists(&old_src).unwrap());
+    let err = Pkcs11Key::open(old_uri).unwrap_err();
+    assert!(matches!(err, KeyError::NoKey { .. }), "{err}");
+    keys::destroy_key(&old_src).unwrap();
+    let again = Pkcs11Key::open(&new_uri).unwrap();
+    assert_eq!(again.spki(), new.spki());
+    sign_and_verify(&again, again.spki(), SignatureScheme::ECDSA_NISTP256_SHA256);
+    assert_eq!(Pkcs11Key::open(&by_label).unwrap().spki(), new.spki());
+
+    let id = new_uri.id.as_ref().unwrap();
+    std::fs::write(param("NEW_ID_OUT"), hex(id)).unwrap();
+}
+
 // ---- keygen to a PEM file, and PEM key checks ----
 
 #[test]

@@ -11,7 +11,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
 use cryptoki::mechanism::Mechanism;
-use cryptoki::object::{Attribute, ObjectClass, ObjectHandle};
+use cryptoki::object::{Attribute, AttributeType, ObjectClass, ObjectHandle};
 use cryptoki::session::Session;
 use cryptoki::types::Ulong;
 use ring::signature::{ECDSA_P256_SHA256_ASN1_SIGNING, EcdsaKeyPair, KeyPair};
@@ -55,10 +55,245 @@ pub fn keygen(
     algorithm: Algorithm,
     overwrite: bool,
 ) -> Result<String, KeyError> {
+    let mode = if overwrite {
+        Existing::Overwrite
+    } else {
+        Existing::RefuseAny
+    };
+    keygen_with(src, subject, algorithm, mode)
+}
+
+/// Generates a key at `src` like [`keygen`] without overwrite, for rotation: in a token it is
+/// refused only when a key object carries **all** of the URI's label and id, so a new key with
+/// the current key's label and a new id (see [`Pkcs11Uri::with_new_id`]) can be made next to
+/// it. A file is refused when it exists.
+pub fn keygen_exact(
+    src: &KeySource,
+    subject: &str,
+    algorithm: Algorithm,
+) -> Result<String, KeyError> {
+    keygen_with(src, subject, algorithm, Existing::RefuseExact)
+}
+
+/// What keygen does with a key already at the place.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Existing {
+    /// Refuse when a key object has the URI's label or its id (or the file exists).
+    RefuseAny,
+    /// Refuse when a key object has the URI's label and its id (or the file exists).
+    RefuseExact,
+    /// Destroy key objects with the URI's label or id (replace the file).
+    Overwrite,
+}
+
+fn keygen_with(
+    src: &KeySource,
+    subject: &str,
+    algorithm: Algorithm,
+    mode: Existing,
+) -> Result<String, KeyError> {
     let dn = parse_dn(subject)?;
     match src {
-        KeySource::Pem(path) => keygen_pem(path, &dn, algorithm, overwrite),
-        KeySource::Pkcs11(uri) => keygen_token(uri, &dn, algorithm, overwrite),
+        KeySource::Pem(path) => keygen_pem(path, &dn, algorithm, mode == Existing::Overwrite),
+        KeySource::Pkcs11(uri) => keygen_token(uri, &dn, algorithm, mode),
+    }
+}
+
+/// A PEM CSR for `subject` signed by the key that already exists at `src` (a key kept from an
+/// interrupted provisioning or rotation). The signature algorithm follows the key: ECDSA with
+/// SHA-256 (P-256) or SHA-384 (P-384), or RSA PKCS#1 v1.5 with SHA-256.
+pub fn csr_for_existing(src: &KeySource, subject: &str) -> Result<String, KeyError> {
+    let dn = parse_dn(subject)?;
+    let key = super::load_signing_key(src)?;
+    let spki = super::spki_of(key.as_ref())?;
+    let (alg, scheme, kind) = match der::parse_spki(&spki) {
+        Ok(der::SpkiKey::Ec {
+            curve: EcCurve::P256,
+            ..
+        }) => (
+            SignatureAlg::EcdsaP256Sha256,
+            SignatureScheme::ECDSA_NISTP256_SHA256,
+            "EC P-256",
+        ),
+        Ok(der::SpkiKey::Ec {
+            curve: EcCurve::P384,
+            ..
+        }) => (
+            SignatureAlg::EcdsaP384Sha384,
+            SignatureScheme::ECDSA_NISTP384_SHA384,
+            "EC P-384",
+        ),
+        Ok(der::SpkiKey::Rsa { .. }) => (
+            SignatureAlg::RsaPkcs1Sha256,
+            SignatureScheme::RSA_PKCS1_SHA256,
+            "RSA",
+        ),
+        _ => {
+            return Err(KeyError::UnsupportedKeyType(
+                "not an EC P-256/P-384 or RSA public key".into(),
+            ));
+        }
+    };
+    let signer = key
+        .choose_scheme(&[scheme])
+        .ok_or(KeyError::Sign(SignFailure::Scheme { scheme, kind }))?;
+    let csr = csr::build(&dn, &spki, alg, |info| {
+        signer.sign(info).map_err(|e| match src {
+            // The token's own error is inside (see the PKCS#11 signer).
+            KeySource::Pkcs11(_) => KeyError::Pkcs11 {
+                op: "C_Sign",
+                detail: match &e {
+                    rustls::Error::Other(o) => o.0.to_string(),
+                    other => other.to_string(),
+                },
+            },
+            KeySource::Pem(_) => KeyError::Sign(SignFailure::Software),
+        })
+    })?;
+    Ok(pem::encode(CSR_LABEL, &csr))
+}
+
+/// Whether the key at `src` exists: the file (a dangling symlink counts), or in the token a
+/// private key object carrying all of the URI's label and id.
+pub fn key_exists(src: &KeySource) -> Result<bool, KeyError> {
+    match src {
+        KeySource::Pem(path) => match path.symlink_metadata() {
+            Ok(_) => Ok(true),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+            Err(source) => Err(KeyError::KeyFileUnreadable {
+                path: path.clone(),
+                source,
+            }),
+        },
+        KeySource::Pkcs11(uri) => {
+            let (session, _label) = token_session(uri, false)?;
+            let found = exact_objects(&session, uri, ObjectClass::PRIVATE_KEY)
+                .map_err(ck("C_FindObjects"))?;
+            Ok(!found.is_empty())
+        }
+    }
+}
+
+/// Destroys the key at `src`; a missing key is not an error.
+///
+/// A file is removed and its directory synced. In a token, the one private key object carrying
+/// all of the URI's label and id is destroyed with its public key object (same id); another
+/// key that only shares the label is never touched, and a URI that matches several private keys
+/// is refused ([`KeyError::AmbiguousKey`]).
+pub fn destroy_key(src: &KeySource) -> Result<(), KeyError> {
+    match src {
+        KeySource::Pem(path) => destroy_file(path),
+        KeySource::Pkcs11(uri) => destroy_token_key(uri),
+    }
+}
+
+fn destroy_file(path: &Path) -> Result<(), KeyError> {
+    let werr = |source| KeyError::WriteKey {
+        path: path.to_owned(),
+        source,
+    };
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(werr(e)),
+    }
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(werr)
+}
+
+fn destroy_token_key(uri: &Pkcs11Uri) -> Result<(), KeyError> {
+    let (session, token) = token_session(uri, true)?;
+    let privates =
+        exact_objects(&session, uri, ObjectClass::PRIVATE_KEY).map_err(ck("C_FindObjects"))?;
+    let private = match privates.as_slice() {
+        [] => None,
+        [h] => Some(*h),
+        _ => {
+            return Err(KeyError::AmbiguousKey {
+                selector: uri.object_selector(),
+                token,
+                count: privates.len(),
+            });
+        }
+    };
+    // The public key: the one with the private key's id (and the URI's label, if any); without
+    // a private key, public keys matching the whole URI (left by an interrupted generation).
+    let id = match private {
+        Some(h) => session
+            .get_attributes(h, &[AttributeType::Id])
+            .map_err(ck("C_GetAttributeValue"))?
+            .into_iter()
+            .find_map(|a| match a {
+                Attribute::Id(v) if !v.is_empty() => Some(v),
+                _ => None,
+            }),
+        None => uri.id.clone(),
+    };
+    let publics = match id {
+        Some(id) => {
+            let mut t = vec![Attribute::Class(ObjectClass::PUBLIC_KEY), Attribute::Id(id)];
+            if let Some(l) = &uri.object {
+                t.push(Attribute::Label(l.as_bytes().to_vec()));
+            }
+            session.find_objects(&t).map_err(ck("C_FindObjects"))?
+        }
+        // No id anywhere: the label alone would reach other keys' public halves.
+        None if private.is_none() => Vec::new(),
+        // A private key without CKA_ID: its public key only when the URI names exactly one.
+        None => {
+            let found = exact_objects(&session, uri, ObjectClass::PUBLIC_KEY)
+                .map_err(ck("C_FindObjects"))?;
+            if found.len() == 1 { found } else { Vec::new() }
+        }
+    };
+    for h in publics.into_iter().chain(private) {
+        session.destroy_object(h).map_err(ck("C_DestroyObject"))?;
+    }
+    tracing::debug!(token = %token, object = %uri.object_selector(), "destroyed the key objects");
+    Ok(())
+}
+
+/// A logged-in session on the URI's token (which must name the key by object= or id=), and
+/// the token's label.
+fn token_session(uri: &Pkcs11Uri, read_write: bool) -> Result<(Session, String), KeyError> {
+    if uri.object.is_none() && uri.id.is_none() {
+        return Err(KeyError::Keygen(
+            "the pkcs11: URI needs object= (a label) or id= to name one key".into(),
+        ));
+    }
+    let module = uri.module_path.clone().ok_or(KeyError::MissingModulePath)?;
+    let ctx = pkcs11::load_module(&module)?;
+    let (label, slot) = pkcs11::find_token(&ctx, uri, &module)?;
+    let pin = pkcs11::read_pin(uri)?;
+    let session = pkcs11::open_logged_in(&ctx, slot, &label, pin.as_ref(), read_write)?;
+    Ok((session, label))
+}
+
+/// Objects of `class` carrying all of the URI's label and id.
+fn exact_objects(
+    session: &Session,
+    uri: &Pkcs11Uri,
+    class: ObjectClass,
+) -> Result<Vec<ObjectHandle>, cryptoki::error::Error> {
+    let mut t = vec![Attribute::Class(class)];
+    if let Some(l) = &uri.object {
+        t.push(Attribute::Label(l.as_bytes().to_vec()));
+    }
+    if let Some(id) = &uri.id {
+        t.push(Attribute::Id(id.clone()));
+    }
+    session.find_objects(&t)
+}
+
+fn ck(op: &'static str) -> impl Fn(cryptoki::error::Error) -> KeyError {
+    move |e| KeyError::Pkcs11 {
+        op,
+        detail: e.to_string(),
     }
 }
 
@@ -213,7 +448,7 @@ fn keygen_token(
     uri: &Pkcs11Uri,
     subject: &Subject,
     algorithm: Algorithm,
-    overwrite: bool,
+    mode: Existing,
 ) -> Result<String, KeyError> {
     if uri.object.is_none() && uri.id.is_none() {
         return Err(KeyError::Keygen(
@@ -226,16 +461,19 @@ fn keygen_token(
     let (label, slot) = pkcs11::find_token(&ctx, uri, &module)?;
     let pin = pkcs11::read_pin(uri)?;
     let session = pkcs11::open_logged_in(&ctx, slot, &label, pin.as_ref(), true)?;
-    let ck = |op: &'static str| {
-        move |e: cryptoki::error::Error| KeyError::Pkcs11 {
-            op,
-            detail: e.to_string(),
-        }
-    };
 
-    let existing = existing_objects(&session, uri).map_err(ck("C_FindObjects"))?;
+    let existing = if mode == Existing::RefuseExact {
+        let mut found =
+            exact_objects(&session, uri, ObjectClass::PRIVATE_KEY).map_err(ck("C_FindObjects"))?;
+        found.extend(
+            exact_objects(&session, uri, ObjectClass::PUBLIC_KEY).map_err(ck("C_FindObjects"))?,
+        );
+        found
+    } else {
+        existing_objects(&session, uri).map_err(ck("C_FindObjects"))?
+    };
     if !existing.is_empty() {
-        if !overwrite {
+        if mode != Existing::Overwrite {
             return Err(KeyError::KeyExists(format!(
                 "a key with {} in token \"{label}\"",
                 uri.object_selector()
@@ -455,5 +693,55 @@ mod tests {
         assert!(key_pem.ends_with("-----END PRIVATE KEY-----\n"));
         let e = keygen(&src, "CN=gw", Algorithm::Rsa2048, true).unwrap_err();
         assert!(e.to_string().contains("RSA"), "{e}");
+    }
+
+    #[test]
+    fn pem_csr_for_existing_exists_and_destroy() {
+        use rcgen::PublicKeyData;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("device.key");
+        let src = KeySource::Pem(path.clone());
+        assert!(!key_exists(&src).unwrap());
+        // A missing key is destroyed without complaint.
+        destroy_key(&src).unwrap();
+        for alg in [
+            &rcgen::PKCS_ECDSA_P256_SHA256,
+            &rcgen::PKCS_ECDSA_P384_SHA384,
+        ] {
+            let kp = rcgen::KeyPair::generate_for(alg).unwrap();
+            std::fs::write(&path, kp.serialize_pem()).unwrap();
+            assert!(key_exists(&src).unwrap());
+            let csr = csr_for_existing(&src, "CN=gw,O=Example").unwrap();
+            assert!(csr.starts_with("-----BEGIN CERTIFICATE REQUEST-----\n"));
+            // rcgen verifies the signature while parsing.
+            let parsed = rcgen::CertificateSigningRequestParams::from_pem(&csr).unwrap();
+            assert_eq!(parsed.public_key.algorithm(), alg);
+            assert_eq!(
+                parsed.public_key.subject_public_key_info(),
+                kp.subject_public_key_info()
+            );
+            assert_eq!(
+                parsed
+                    .params
+                    .distinguished_name
+                    .get(&rcgen::DnType::CommonName),
+                Some(&rcgen::DnValue::Utf8String("gw".into()))
+            );
+        }
+        // keygen_exact refuses an existing file and leaves it alone.
+        let before = std::fs::read(&path).unwrap();
+        let e = keygen_exact(&src, "CN=gw", Algorithm::EcP256).unwrap_err();
+        assert!(matches!(e, KeyError::KeyExists(_)), "{e}");
+        assert_eq!(std::fs::read(&path).unwrap(), before);
+        destroy_key(&src).unwrap();
+        assert!(!key_exists(&src).unwrap());
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+        // And makes a new one where there is none.
+        keygen_exact(&src, "CN=gw", Algorithm::EcP256).unwrap();
+        assert!(key_exists(&src).unwrap());
+        let e = csr_for_existing(&KeySource::Pem(dir.path().join("nope")), "CN=gw").unwrap_err();
+        assert!(matches!(e, KeyError::KeyFileMissing(_)), "{e}");
+        let e = csr_for_existing(&src, "XX=1").unwrap_err();
+        assert!(matches!(e, KeyError::InvalidSubject { .. }), "{e}");
     }
 }

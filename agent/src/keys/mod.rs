@@ -24,7 +24,7 @@ use rustls::sign::SigningKey;
 use rustls_pki_types::PrivateKeyDer;
 use rustls_pki_types::pem::PemObject;
 
-pub use keygen::{Algorithm, keygen};
+pub use keygen::{Algorithm, csr_for_existing, destroy_key, key_exists, keygen, keygen_exact};
 pub use uri::{ObjectType, PinSource, Pkcs11Uri, UriError};
 
 /// Where the device key lives.

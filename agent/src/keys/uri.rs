@@ -103,6 +103,18 @@ const PATH_ATTRS: &str = "token, object, id, slot-id, manufacturer, serial, mode
 const QUERY_ATTRS: &str = "module-path, pin-source, pin-value";
 
 impl Pkcs11Uri {
+    /// A copy with a new random 16-byte `id` (the rest unchanged): the place of a new key next
+    /// to the current one, for rotation. Its `Display` is a full URI that parses back, except
+    /// that a `pin-value` shows as `***` (keep `pin-source` URIs where they are written down).
+    pub fn with_new_id(&self) -> Result<Pkcs11Uri, getrandom::Error> {
+        let mut id = vec![0u8; 16];
+        getrandom::fill(&mut id)?;
+        Ok(Pkcs11Uri {
+            id: Some(id),
+            ..self.clone()
+        })
+    }
+
     /// Parses a `pkcs11:` URI.
     pub fn parse(s: &str) -> Result<Self, UriError> {
         let Some(rest) = strip_prefix_ci(s.trim(), "pkcs11:") else {
@@ -525,6 +537,36 @@ mod tests {
             Pkcs11Uri::parse("pkcs11:id=%2B%fF").unwrap().id,
             Some(vec![0x2b, 0xff])
         );
+    }
+
+    #[test]
+    fn with_new_id_round_trips() {
+        let u = Pkcs11Uri::parse(
+            "pkcs11:token=iotcred;object=device;id=%01;type=private?module-path=/m.so&pin-source=file:/p",
+        )
+        .unwrap();
+        let a = u.with_new_id().unwrap();
+        let b = u.with_new_id().unwrap();
+        assert_eq!(a.id.as_ref().map(Vec::len), Some(16));
+        assert_ne!(a.id, b.id);
+        assert_ne!(a.id, u.id);
+        assert_eq!(
+            Pkcs11Uri {
+                id: u.id.clone(),
+                ..a.clone()
+            },
+            u
+        );
+        let shown = a.to_string();
+        assert!(
+            shown.starts_with("pkcs11:token=iotcred;object=device;id=%"),
+            "{shown}"
+        );
+        assert!(
+            shown.ends_with("?module-path=/m.so&pin-source=file:/p"),
+            "{shown}"
+        );
+        assert_eq!(Pkcs11Uri::parse(&shown).unwrap(), a);
     }
 
     #[test]
