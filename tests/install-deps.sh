@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what the test suite needs on a Debian 12 machine (idempotent): Debian packages for
-# the real parts (SoftHSM2, swtpm + tpm2-pkcs11, cross linkers, qemu-user, openssl, faketime),
-# rustup targets and components, and the AWS SDK consumers (PyPI, npm) into tests/.deps/.
+# the real parts (SoftHSM2, swtpm + tpm2-pkcs11, mosquitto, cross linkers, qemu-user, openssl,
+# faketime), rustup targets and components, and the AWS SDK consumers (PyPI, npm) into tests/.deps/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -11,7 +11,7 @@ if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
 APT_PKGS=(softhsm2 opensc swtpm swtpm-tools tpm2-tools tpm2-abrmd libtss2-tcti-tabrmd0
   libtpm2-pkcs11-1 libtpm2-pkcs11-tools dbus openssl curl faketime
   gcc-aarch64-linux-gnu gcc-arm-linux-gnueabihf libc6-dev-arm64-cross libc6-dev-armhf-cross qemu-user
-  systemd golang-go golang-github-aws-aws-sdk-go-v2-dev iproute2 mosquitto)
+  systemd golang-go golang-github-aws-aws-sdk-go-v2-dev iproute2 mosquitto mosquitto-clients)
 missing=()
 for p in "${APT_PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

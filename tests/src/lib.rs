@@ -10,12 +10,16 @@
 //! - [`provider`]: [`FakeProvider`] (tokio) and [`BlockingProvider`] (own runtime, for plain
 //!   `#[test]` functions).
 //! - [`timefmt`]: RFC 3339 / calendar helpers without a date crate.
+//! - [`fakeiot`]: a fake AWS IoT for fleet provisioning and rotation: mosquitto with a TLS
+//!   listener and an ACL as the policies, an MQTT responder, and a registry of certificates and
+//!   things that the fake provider can check client certificates against.
 //! - [`sts`]: STS servers for chained roles (a signature-verifying fake, moto) and a CONNECT
 //!   proxy.
 //!
 //! The `fake-provider` binary wraps the same server with a loopback admin listener.
 
 pub mod agent;
+pub mod fakeiot;
 pub mod hostile;
 pub mod netns;
 pub mod p11unplug;

@@ -48,6 +48,8 @@ struct Peer {
     resumed: bool,
     sni: Option<String>,
     client_cn: Option<String>,
+    /// DER of the verified client certificate (leaf).
+    leaf: Option<Vec<u8>>,
 }
 
 impl Peer {
@@ -57,15 +59,17 @@ impl Peer {
             Some(ProtocolVersion::TLSv1_2) => "TLSv1.2".to_owned(),
             other => format!("{other:?}"),
         };
-        let client_cn = conn
+        let leaf = conn
             .peer_certificates()
             .and_then(|c| c.first())
-            .and_then(|leaf| common_name(leaf.as_ref()));
+            .map(|leaf| leaf.as_ref().to_vec());
+        let client_cn = leaf.as_deref().and_then(common_name);
         Peer {
             tls_version,
             resumed: conn.handshake_kind() == Some(rustls::HandshakeKind::Resumed),
             sni: conn.server_name().map(str::to_owned),
             client_cn,
+            leaf,
         }
     }
 }
@@ -321,6 +325,13 @@ fn respond(
     match thing {
         None if !shared.allow_missing_thing_name => {
             return Response::message(400, "Missing thing name", None);
+        }
+        _ if shared.registry.is_some() => {
+            let registry = shared.registry.as_ref().expect("checked");
+            let leaf = peer.leaf.as_deref().unwrap_or_default();
+            if let Err(message) = registry.provider_allows(leaf, thing) {
+                return Response::message(403, &message, None);
+            }
         }
         Some(t) if Some(t) != peer.client_cn.as_deref() => {
             return Response::message(403, "Invalid thing name passed", None);

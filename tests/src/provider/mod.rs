@@ -101,6 +101,11 @@ pub struct ProviderConfig {
     /// every handshake is a full one, in which the client proves its key again (a signature).
     /// Default true.
     pub resumption: bool,
+    /// When set, a client certificate gets credentials only while the fake AWS IoT's registry
+    /// has it ACTIVE and attached to the thing named in `x-amzn-iot-thingname` (otherwise 403,
+    /// `{"message":"Access Denied"}` or `{"message":"Invalid thing name passed"}`), instead of
+    /// the default check (thing name = the certificate's CN). Default none.
+    pub registry: Option<std::sync::Arc<crate::fakeiot::Registry>>,
 }
 
 impl ProviderConfig {
@@ -122,6 +127,7 @@ impl ProviderConfig {
             tls_versions: TlsVersions::Both,
             keep_alive: true,
             resumption: true,
+            registry: None,
         }
     }
 }
@@ -382,6 +388,7 @@ pub(crate) struct Shared {
     pub(crate) ttl: Duration,
     pub(crate) allow_missing_thing_name: bool,
     pub(crate) keep_alive: bool,
+    pub(crate) registry: Option<Arc<crate::fakeiot::Registry>>,
     state: Mutex<State>,
     stats: watch::Sender<Stats>,
 }
@@ -532,6 +539,7 @@ impl FakeProvider {
             ttl: config.ttl,
             allow_missing_thing_name: config.allow_missing_thing_name,
             keep_alive: config.keep_alive,
+            registry: config.registry.clone(),
             state: Mutex::new(State::default()),
             stats: watch::Sender::new(Stats::default()),
         });
