@@ -80,7 +80,6 @@ fn assert_serves(d: &DeviceEnv, config: &Path) {
 }
 
 #[test]
-#[ignore = "needs provisioning (lead's branch)"]
 fn provision_with_a_pem_key_then_run_serves() {
     let d = DeviceEnv::new();
     let config = d.config("", "");
@@ -116,7 +115,6 @@ fn provision_with_a_pem_key_then_run_serves() {
 }
 
 #[test]
-#[ignore = "needs provisioning (lead's branch)"]
 fn provision_with_the_key_generated_in_softhsm() {
     let mut d = DeviceEnv::new();
     let hsm = SoftHsm::new().expect("SoftHSM");
@@ -146,7 +144,6 @@ fn provision_with_the_key_generated_in_softhsm() {
 }
 
 #[test]
-#[ignore = "needs provisioning (lead's branch)"]
 fn a_provisioned_device_sends_nothing() {
     let d = DeviceEnv::new();
     let config = d.config("", "");
@@ -186,7 +183,6 @@ fn rejected_at(step: Step, status: u16, code: &str, message: &str, step_name: &s
 }
 
 #[test]
-#[ignore = "needs provisioning (lead's branch)"]
 fn every_rejected_reply_exits_3_naming_step_and_message() {
     rejected_at(
         Step::CreateCertificateFromCsr,
@@ -226,7 +222,6 @@ fn every_rejected_reply_exits_3_naming_step_and_message() {
 }
 
 #[test]
-#[ignore = "needs provisioning (lead's branch)"]
 fn the_template_enforces_its_parameters() {
     // The registry's own check (no fault): parameters without SerialNumber.
     let d = DeviceEnv::new();
@@ -262,14 +257,12 @@ fn denied(topic: &str) {
 }
 
 #[test]
-#[ignore = "needs provisioning (lead's branch)"]
 fn a_denied_publish_times_out_naming_the_topic() {
     denied(CSR_TOPIC);
     denied(&provision_topic(FLEET_TEMPLATE));
 }
 
 #[test]
-#[ignore = "needs provisioning (lead's branch)"]
 fn the_broker_closing_mid_flow_exits_4_and_a_rerun_succeeds() {
     let mut d = DeviceEnv::new();
     let config = d.config("", "");
@@ -304,7 +297,6 @@ fn the_broker_closing_mid_flow_exits_4_and_a_rerun_succeeds() {
 }
 
 #[test]
-#[ignore = "needs provisioning (lead's branch)"]
 fn an_expired_token_makes_the_rerun_request_a_new_certificate() {
     let d = DeviceEnv::new();
     let config = d.config("", "");
@@ -336,7 +328,6 @@ fn an_expired_token_makes_the_rerun_request_a_new_certificate() {
 }
 
 #[test]
-#[ignore = "needs provisioning (lead's branch)"]
 fn a_certificate_for_another_key_is_refused() {
     // Asserted exit code: 4. SPEC §5 puts "protocol error" under 4 (transient), and a reply
     // that does not match the request is one: nothing was rejected by AWS (3), and a new try
@@ -378,7 +369,6 @@ impl Rng {
 }
 
 #[test]
-#[ignore = "needs provisioning (lead's branch)"]
 fn sigkill_at_random_moments_then_one_clean_run() {
     const RUNS: usize = 100;
     let seed = std::env::var("IOTCRED_SEED")

@@ -18,7 +18,7 @@ mod status;
 pub(crate) mod worker;
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -146,8 +146,6 @@ impl Outcome {
 pub struct Retired {
     /// The old key.
     pub key: KeySource,
-    /// The old certificate file, when it is one of `state_dir`'s.
-    pub certificate: Option<PathBuf>,
 }
 
 /// A step's error builder.
@@ -331,7 +329,7 @@ async fn create_certificate(
                 step,
                 Exit::Transient,
                 format!(
-                    "the certificate in the reply (id {id}) is not for this device's key: refused, nothing recorded; a re-run requests a new one"
+                    "the certificate in the reply (id {id}) carries another public key than this device's key: refused, nothing recorded; a re-run requests a new one"
                 ),
             ));
         }
@@ -414,6 +412,89 @@ async fn register_thing(
         })
         .unwrap_or_default();
     Ok((thing, config))
+}
+
+/// Steps 2 and 3 over one connection authenticated by `tls`: the certificate (reused from
+/// `pending` while its token is usable, else requested and recorded), then RegisterThing with
+/// `template` and `parameters`. A token that RegisterThing refuses is forgotten; when this run
+/// did not request the certificate itself, it requests one new certificate and registers again
+/// (so at most one certificate is requested per run). Returns the certificate, the thing name
+/// and the device configuration.
+#[allow(clippy::too_many_arguments)]
+async fn certificate_and_thing(
+    cx: &Ctx,
+    p: &Provision,
+    tls: &Arc<rustls::ClientConfig>,
+    pending: &mut Pending,
+    record_path: &Path,
+    (csr, spki): (&str, &[u8]),
+    template: &str,
+    parameters: &[(String, String)],
+) -> Result<(Issued, String, BTreeMap<String, String>), LifecycleError> {
+    let state_dir = record_path.parent().unwrap_or(Path::new("."));
+    let mut session: Option<MqttSession> = None;
+    let mut requested = false;
+    let result = loop {
+        let issued = match pending.certificate.take() {
+            Some(i) if token_usable(i.token_received_at, p.timeout) && i.path.is_file() => {
+                tracing::info!(certificate_id = %i.certificate_id, "reusing the certificate and ownership token of an earlier run");
+                i
+            }
+            stale => {
+                if stale.is_some() {
+                    tracing::info!(
+                        "the ownership token of the earlier run is too old: requesting a new certificate"
+                    );
+                }
+                let s = match &mut session {
+                    Some(s) => s,
+                    None => session.insert(connect(cx, Step::Certificate, p, tls.clone()).await?),
+                };
+                let issued = match create_certificate(cx, s, csr, spki, state_dir).await {
+                    Ok(i) => i,
+                    Err(e) => break Err(e),
+                };
+                requested = true;
+                pending.certificate = Some(issued.clone());
+                if let Err(e) = blocking(|| pending.save(record_path)) {
+                    break Err(cx.io(Step::Certificate, "record progress in", record_path, e));
+                }
+                issued
+            }
+        };
+        let s = match &mut session {
+            Some(s) => s,
+            None => match connect(cx, Step::Thing, p, tls.clone()).await {
+                Ok(s) => session.insert(s),
+                Err(e) => {
+                    pending.certificate = Some(issued);
+                    return Err(e);
+                }
+            },
+        };
+        match register_thing(cx, s, template, parameters, &issued.ownership_token).await {
+            Ok((thing, config)) => break Ok((issued, thing, config)),
+            Err(e) if e.token_refused => {
+                // The token is spent or expired: the certificate it owned is of no use.
+                pending.certificate = None;
+                if let Err(io) = blocking(|| pending.save(record_path)) {
+                    break Err(cx.io(Step::Thing, "record progress in", record_path, io));
+                }
+                if requested {
+                    break Err(e);
+                }
+                tracing::info!("the ownership token was refused: requesting a new certificate");
+            }
+            Err(e) => {
+                pending.certificate = Some(issued);
+                break Err(e);
+            }
+        }
+    };
+    if let Some(s) = session.take() {
+        s.close().await;
+    }
+    result
 }
 
 fn lock(cx: &Ctx, state_dir: &Path, wait: Duration) -> Result<StateLock, LifecycleError> {
@@ -518,46 +599,17 @@ pub async fn provision(config: &Config, dry_run: bool) -> Result<Outcome, Lifecy
     };
     let (csr, spki) = key_and_csr(&cx, &pending.key, &p.subject, p.algorithm)?;
 
-    let mut session = None;
-    let issued = match pending.certificate.take() {
-        Some(i) if token_usable(i.token_received_at, p.timeout) && i.path.is_file() => {
-            tracing::info!(certificate_id = %i.certificate_id, "reusing the certificate and ownership token of an earlier run");
-            i
-        }
-        stale => {
-            if stale.is_some() {
-                tracing::info!(
-                    "the earlier run's ownership token is too old: requesting a new certificate"
-                );
-            }
-            let s = session
-                .insert(connect(&cx, Step::Certificate, p, claim.client_config.clone()).await?);
-            let issued = create_certificate(&cx, s, &csr, &spki, state_dir).await?;
-            pending.certificate = Some(issued.clone());
-            blocking(|| pending.save(&record_path))
-                .map_err(|e| cx.io(Step::Certificate, "record progress in", &record_path, e))?;
-            issued
-        }
-    };
-    let s = match &mut session {
-        Some(s) => s,
-        None => session.insert(connect(&cx, Step::Thing, p, claim.client_config.clone()).await?),
-    };
-    let registered = register_thing(&cx, s, template, &p.parameters, &issued.ownership_token).await;
-    if let Some(s) = session.take() {
-        s.close().await;
-    }
-    let (thing, device_configuration) = match registered {
-        Ok(r) => r,
-        Err(e) => {
-            if e.token_refused {
-                // The token is spent: the next run starts again at step 2.
-                pending.certificate = None;
-                let _ = blocking(|| pending.save(&record_path));
-            }
-            return Err(e);
-        }
-    };
+    let (issued, thing, device_configuration) = certificate_and_thing(
+        &cx,
+        p,
+        &claim.client_config,
+        &mut pending,
+        &record_path,
+        (&csr, &spki),
+        template,
+        &p.parameters,
+    )
+    .await?;
     let record = IdentityRecord {
         thing_name: iotcred_core::ThingName::new(&thing)
             .map_err(|e| cx.err(Step::Thing, Exit::Transient, e.to_string()))?,
@@ -693,40 +745,19 @@ pub async fn rotate(config: &Config, force: bool) -> Result<Outcome, LifecycleEr
     };
     let subject = &p.subject;
     let (csr, spki) = key_and_csr(&cx, &pending.key, subject, p.algorithm)?;
-    let mut session = None;
-    let issued = match pending.certificate.take() {
-        Some(i) if token_usable(i.token_received_at, p.timeout) && i.path.is_file() => i,
-        _ => {
-            let s = session
-                .insert(connect(&cx, Step::Certificate, p, current.client_config.clone()).await?);
-            let issued = create_certificate(&cx, s, &csr, &spki, state_dir).await?;
-            pending.certificate = Some(issued.clone());
-            blocking(|| pending.save(&record_path))
-                .map_err(|e| cx.io(Step::Certificate, "record progress in", &record_path, e))?;
-            issued
-        }
-    };
-    let s = match &mut session {
-        Some(s) => s,
-        None => session.insert(connect(&cx, Step::Thing, p, current.client_config.clone()).await?),
-    };
     let mut parameters = rot.parameters.clone();
     parameters.push(("ThingName".into(), thing.as_str().to_string()));
-    let registered =
-        register_thing(&cx, s, &rot.template, &parameters, &issued.ownership_token).await;
-    if let Some(s) = session.take() {
-        s.close().await;
-    }
-    let (registered_thing, device_configuration) = match registered {
-        Ok(r) => r,
-        Err(e) => {
-            if e.token_refused {
-                pending.certificate = None;
-                let _ = blocking(|| pending.save(&record_path));
-            }
-            return Err(e);
-        }
-    };
+    let (issued, registered_thing, device_configuration) = certificate_and_thing(
+        &cx,
+        p,
+        &current.client_config,
+        &mut pending,
+        &record_path,
+        (&csr, &spki),
+        &rot.template,
+        &parameters,
+    )
+    .await?;
     if registered_thing != thing.as_str() {
         return Err(cx.err(
             Step::Thing,
@@ -760,9 +791,6 @@ pub async fn rotate(config: &Config, force: bool) -> Result<Outcome, LifecycleEr
         Pending::remove(&record_path)
     })
     .map_err(|e| cx.io(Step::Identity, "write", &IdentityRecord::path(state_dir), e))?;
-    let old_in_state = device
-        .certificate
-        .starts_with(state_dir.join(identity::CERTIFICATES_DIR));
     Ok(Outcome {
         lines: vec![
             format!("rotated: thing {}", thing.as_str()),
@@ -778,7 +806,6 @@ pub async fn rotate(config: &Config, force: bool) -> Result<Outcome, LifecycleEr
         switched: true,
         retired: Some(Retired {
             key: device.key.clone(),
-            certificate: old_in_state.then(|| device.certificate.clone()),
         }),
     })
 }
@@ -818,19 +845,12 @@ async fn prove(
 }
 
 /// After a rotation's switch is durable and nothing uses the old identity: destroys the old
-/// key and removes the old certificate file (when it is one of `state_dir`'s). Failures are
-/// logged: the new identity is in use either way.
+/// key. A failure is logged: the new identity is in use either way. (The old certificate file
+/// stays: it is public, and it stays ACTIVE in AWS IoT until the cloud deactivates it.)
 pub fn retire(old: &Retired) {
-    blocking(|| {
-        match keys::destroy_key(&old.key) {
-            Ok(()) => tracing::info!(key = %old.key, "old key destroyed"),
-            Err(e) => tracing::warn!(key = %old.key, error = %e, "cannot destroy the old key"),
-        }
-        if let Some(c) = &old.certificate {
-            if let Err(e) = std::fs::remove_file(c) {
-                tracing::warn!(path = %c.display(), error = %e, "cannot remove the old certificate file");
-            }
-        }
+    blocking(|| match keys::destroy_key(&old.key) {
+        Ok(()) => tracing::info!(key = %old.key, "old key destroyed"),
+        Err(e) => tracing::warn!(key = %old.key, error = %e, "cannot destroy the old key"),
     });
 }
 

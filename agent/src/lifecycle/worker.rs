@@ -95,16 +95,19 @@ impl Worker {
         }
         let leaf = leaf(config)?;
         // A point in the rotation window that is the same across restarts and differs between
-        // devices (core's `rotation_at`); one already past when the agent started (a device
-        // powered on late) is taken at once, after the start-up jitter.
-        let point = lifecycle::rotation_at(
-            leaf.not_before,
-            leaf.not_after,
-            rotation.before_days,
-            leaf.draw,
-        );
-        let at = if point > self.started {
-            point
+        // devices (core's `rotation_at`), so a fleet that becomes due while running spreads
+        // its rotations. A certificate already in its window when the agent started (a device
+        // powered on late, or a certificate shorter-lived than before_days) rotates at once,
+        // after the start-up jitter.
+        let (window_start, _) =
+            lifecycle::rotation_window(leaf.not_before, leaf.not_after, rotation.before_days);
+        let at = if window_start > self.started {
+            lifecycle::rotation_at(
+                leaf.not_before,
+                leaf.not_after,
+                rotation.before_days,
+                leaf.draw,
+            )
         } else {
             now.max(self.started.saturating_add(self.start_jitter))
         };

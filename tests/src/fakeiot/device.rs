@@ -79,7 +79,7 @@ impl DeviceEnv {
 
     /// A configuration: provider endpoint, `state_dir`, `[serve] socket`, the default role with
     /// an ini sink, `[provision]` against the fake IoT (fleet template, `SerialNumber`,
-    /// `timeout_seconds = 5`) with `provision_extra` appended inside the table, then `extra`
+    /// `timeout_seconds = 5`, no start-up jitter) with `provision_extra` appended inside the table, then `extra`
     /// (e.g. a `[rotation]` table). Returns the path.
     pub fn config(&self, provision_extra: &str, extra: &str) -> PathBuf {
         let run = self.env.runtime_dir();
@@ -101,6 +101,8 @@ ca = "{ca}"
 template = "{FLEET_TEMPLATE}"
 parameters = {{ SerialNumber = "{SERIAL}" }}
 timeout_seconds = 5
+# No start-up jitter: one device, and the tests wait for its first try.
+startup_jitter_seconds = 0
 {provision_extra}
 
 {extra}
