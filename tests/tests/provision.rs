@@ -1,8 +1,5 @@
-//! End-to-end: `iotcred provision` (real binary, real TLS, real mosquitto) against the fake AWS
-//! IoT of tests/src/fakeiot (SPEC §8.1).
-//!
-//! Every test here waits for the provisioning code (`iotcred provision`, `state_dir`,
-//! `[provision]`); they are ignored until it lands.
+//! End-to-end: `iotcred provision` and `iotcred run` on a device without an identity (real
+//! binary, real TLS, real mosquitto) against the fake AWS IoT of tests/src/fakeiot (SPEC §8.1).
 
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::Path;
@@ -460,4 +457,138 @@ fn sigkill_at_random_moments_then_one_clean_run() {
     );
     assert!(total <= RUNS as u64 + 1, "at most one request per run");
     d.assert_no_secrets();
+}
+
+#[test]
+fn dry_run_checks_the_connection_and_sends_nothing() {
+    let d = DeviceEnv::new();
+    let config = d.config("", "");
+    let out = d.env.run(&[
+        "provision",
+        "--config",
+        &config.display().to_string(),
+        "--dry-run",
+    ]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert!(out.stdout.contains("dry run"), "{}", out.stdout);
+    assert!(out.stdout.contains("MQTT connection"), "{}", out.stdout);
+    assert_eq!(d.registry.counters().csr_requests, 0, "nothing sent");
+    assert!(d.identity().is_none());
+    // A claim key that does not match its certificate is a configuration error (2), found
+    // before any connection.
+    let wrong = d.env.pki.device_ec.key.display().to_string();
+    let claim = d.iot.claim.key.display().to_string();
+    let bad = config.with_file_name("wrong-claim-key.toml");
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&bad, text.replace(&claim, &wrong)).unwrap();
+    let out = d.env.run(&[
+        "provision",
+        "--config",
+        &bad.display().to_string(),
+        "--dry-run",
+    ]);
+    assert_eq!(out.code, 2, "{}", out.stderr);
+    assert!(out.stderr.contains("claim"), "{}", out.stderr);
+}
+
+#[test]
+fn check_says_where_the_identity_comes_from() {
+    let d = DeviceEnv::new();
+    let config = d.config("", "");
+    let c = config.display().to_string();
+    let out = d.env.run(&["check", "--config", &c]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert!(out.stdout.contains("not provisioned"), "{}", out.stdout);
+    assert!(out.stdout.contains("claim certificate"), "{}", out.stdout);
+    assert_eq!(d.provision(&config).code, 0);
+    let out = d.env.run(&["check", "--config", &c]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    for part in ["thing_name", "certificate", "key"] {
+        let line = out
+            .stdout
+            .lines()
+            .find(|l| l.starts_with(&format!("{part}:")))
+            .unwrap_or_else(|| panic!("no {part} line: {}", out.stdout));
+        assert!(line.contains("identity.toml"), "{line}");
+    }
+    assert!(out.stdout.contains("rotation: off"), "{}", out.stdout);
+}
+
+/// `iotcred run` on a device with no identity serves 503 and says "not provisioned" until
+/// provisioning succeeds; `iotcred provision` then goes through the running agent, which
+/// switches to the new identity with no restart.
+#[test]
+fn run_without_an_identity_serves_503_then_provisions_through_the_agent() {
+    let d = DeviceEnv::new();
+    // The agent's own first try is rejected (a rejection waits long before the next try).
+    d.registry.push_fault(
+        Step::CreateCertificateFromCsr,
+        StepFault::reject(400, "InvalidCSR", "the CSR is refused for this test"),
+    );
+    let config = d.config("", "");
+    let mut agent = d.env.start_agent(&config);
+    assert!(
+        agent.wait_ready(LIMIT),
+        "READY=1 while not provisioned (systemd must not time the start out): {}",
+        agent.log()
+    );
+    let socket = d.env.socket();
+    let failed = poll(LIMIT, || {
+        let (status, h) = hostile::health(&socket).ok()?;
+        (h["identity"]["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("InvalidCSR")))
+        .then_some((status, h))
+    });
+    let (status, h) = failed.unwrap_or_else(|| panic!("no failed try: {}", agent.log()));
+    assert_eq!(status, 503, "{h}");
+    assert_eq!(h["identity"]["state"], "not provisioned", "{h}");
+    let r = hostile::unix_get(&socket, "/v1/credentials").unwrap();
+    assert_eq!(r.status, 503, "{}", r.body);
+    let m = hostile::metric(&socket, "iotcred_provisioning_total{result=\"failure\"}").unwrap();
+    assert_eq!(m, 1.0);
+    // Through the agent (its socket answers): the job runs there, and it switches at once.
+    let out = d.provision(&config);
+    assert_eq!(out.code, 0, "{}\n{}", out.stderr, agent.log());
+    assert!(out.stdout.contains(THING_NAME), "{}", out.stdout);
+    assert!(
+        agent.log().contains("provisioned: thing"),
+        "the agent ran the job: {}",
+        agent.log()
+    );
+    assert_provisioned(&d);
+    let served = poll(LIMIT, || {
+        let r = hostile::unix_get(&socket, "/v1/credentials").ok()?;
+        (r.status == 200).then_some(())
+    });
+    assert!(
+        served.is_some(),
+        "no credentials after provisioning: {}",
+        agent.log()
+    );
+    let (_, h) = hostile::health(&socket).unwrap();
+    assert_eq!(h["identity"]["state"], "provisioned", "{h}");
+    assert_eq!(h["identity"]["thing_name"], THING_NAME, "{h}");
+    assert!(h["identity"]["certificate_expiration"].is_string(), "{h}");
+    agent.stop(&d.env);
+    d.assert_no_secrets();
+}
+
+/// With no start-up jitter and nothing in the way, the agent provisions itself.
+#[test]
+fn run_provisions_by_itself() {
+    let d = DeviceEnv::new();
+    let config = d.config("", "");
+    let mut agent = d.env.start_agent(&config);
+    assert!(agent.wait_ready(LIMIT), "{}", agent.log());
+    let socket = d.env.socket();
+    let served = poll(LIMIT, || {
+        let r = hostile::unix_get(&socket, "/v1/credentials").ok()?;
+        (r.status == 200).then_some(())
+    });
+    assert!(served.is_some(), "no credentials: {}", agent.log());
+    assert_provisioned(&d);
+    let m = hostile::metric(&socket, "iotcred_provisioning_total{result=\"success\"}").unwrap();
+    assert_eq!(m, 1.0);
+    agent.stop(&d.env);
 }

@@ -2,7 +2,6 @@
 //! automatic in `iotcred run`, forced with `iotcred rotate --force` (with and without a running
 //! agent), failing at each step, and with the key in SoftHSM.
 //!
-//! Every test here waits for the rotation code; they are ignored until it lands.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -198,6 +197,71 @@ fn forced_rotation_through_a_running_agent() {
     assert_eq!(credentials_status(&d), 200);
     agent.stop(&d.env);
     d.assert_no_secrets();
+}
+
+/// A rotation done by another process (here `iotcred rotate` with a config whose socket no agent
+/// answers on, so it works by itself under the state_dir lock): the running agent notices the new
+/// identity.toml by itself (no SIGHUP) and serves with the new certificate, with no gap; the old
+/// key is destroyed by the process that rotated.
+#[test]
+fn the_agent_follows_a_rotation_made_by_another_process() {
+    let d = DeviceEnv::new();
+    let config = provisioned(&d, "", 30, 365);
+    let old = d.identity().unwrap();
+    let agent = start(&d, &config);
+    let other = config.with_file_name("no-agent.toml");
+    let socket = d.env.socket().display().to_string();
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&other, text.replace(&socket, &format!("{socket}.none"))).unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let poller = {
+        let stop = stop.clone();
+        let socket = d.env.socket();
+        std::thread::spawn(move || {
+            let mut statuses = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                statuses.push(
+                    hostile::unix_get(&socket, "/v1/credentials")
+                        .map(|r| r.status)
+                        .unwrap_or(0),
+                );
+            }
+            statuses
+        })
+    };
+    let out = d.rotate(&other, true);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert_rotated(&d, &old);
+    let new = d.identity().unwrap();
+    let new_id = d
+        .registry
+        .active_certificates_of(THING_NAME)
+        .into_iter()
+        .find(|c| c.public_key == cert_public_key(&new.certificate))
+        .unwrap()
+        .id;
+    let requests_before = d.env.provider.requests().len();
+    let followed = poll(LIMIT, || {
+        let h = health(&d);
+        (h["identity"]["certificate_id"] == new_id.as_str()
+            && d.env.provider.requests().len() > requests_before)
+            .then_some(())
+    });
+    stop.store(true, Ordering::Relaxed);
+    let statuses = poller.join().unwrap();
+    assert!(followed.is_some(), "agent did not switch: {}", agent.log());
+    assert!(
+        statuses.iter().all(|s| *s == 200),
+        "a client saw a non-200 answer: {:?}",
+        statuses.iter().filter(|s| **s != 200).collect::<Vec<_>>()
+    );
+    assert!(
+        agent.log().contains("identity.toml changed"),
+        "{}",
+        agent.log()
+    );
+    assert_eq!(credentials_status(&d), 200);
+    agent.stop(&d.env);
 }
 
 #[test]

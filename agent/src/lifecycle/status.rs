@@ -103,16 +103,26 @@ impl Status {
     pub fn health_json(&self) -> serde_json::Value {
         let s = self.snapshot();
         let t = |u: Option<UnixTime>| u.map(|u| u.rfc3339().to_string());
+        // The worker's failures are provisioning's until the device has an identity, then
+        // rotation's.
+        let provisioned = s.identity == IdentityState::Provisioned;
+        let (rotation_failures, rotation_error) = if provisioned {
+            (s.failures, s.last_error.clone())
+        } else {
+            (0, None)
+        };
         serde_json::json!({
             "state": s.identity.as_str(),
             "thing_name": s.thing_name,
             "certificate_id": s.certificate_id,
             "certificate_expiration": t(s.certificate_expiration),
+            "failures": s.failures,
+            "last_error": s.last_error,
             "rotation": {
                 "state": s.rotation.as_str(),
                 "next_attempt": t(s.next_rotation),
-                "failures": s.failures,
-                "last_error": s.last_error,
+                "failures": rotation_failures,
+                "last_error": rotation_error,
                 "last_rotation": t(s.last_rotation),
             },
         })
