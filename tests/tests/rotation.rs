@@ -3,7 +3,9 @@
 //! agent), failing at each step, and with the key in SoftHSM.
 //!
 
+use std::os::unix::fs::PermissionsExt as _;
 use std::path::Path;
+use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -261,6 +263,89 @@ fn the_agent_follows_a_rotation_made_by_another_process() {
         agent.log()
     );
     assert_eq!(credentials_status(&d), 200);
+    agent.stop(&d.env);
+}
+
+/// Identity jobs over the socket are refused to a peer that is neither root nor the agent's
+/// user (SPEC §8), even when the socket's mode lets it connect; GET routes stay open to it.
+#[test]
+fn identity_jobs_are_refused_to_other_users() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("SKIP identity_jobs_are_refused_to_other_users: needs root (setpriv)");
+        return;
+    }
+    let d = DeviceEnv::new();
+    let config = provisioned(&d, "", 30, 365);
+    // A socket another user can reach: a world-traversable directory, mode 0666.
+    let dir = tempfile::Builder::new()
+        .prefix("iotcred-sock")
+        .tempdir()
+        .unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let socket = dir.path().join("agent.sock");
+    let text = std::fs::read_to_string(&config).unwrap().replace(
+        &format!("socket = \"{}\"", d.env.socket().display()),
+        &format!("socket = \"{}\"\nsocket_mode = \"0666\"", socket.display()),
+    );
+    std::fs::write(&config, text).unwrap();
+    let agent = start(&d, &config);
+    let before = d.registry.counters();
+    let curl = |uid: Option<u32>, method: &str, path: &str| {
+        let mut cmd = match uid {
+            Some(u) => {
+                let mut c = Command::new("setpriv");
+                c.args([
+                    format!("--reuid={u}"),
+                    format!("--regid={u}"),
+                    "--clear-groups".into(),
+                    "curl".into(),
+                ]);
+                c
+            }
+            None => Command::new("curl"),
+        };
+        let out = cmd
+            .args([
+                "-sS",
+                "--max-time",
+                "30",
+                "-w",
+                "\n%{http_code}",
+                "-X",
+                method,
+            ])
+            .arg("--unix-socket")
+            .arg(&socket)
+            .arg(format!("http://localhost{path}"))
+            .output()
+            .expect("run curl");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
+        (code.trim().parse::<u16>().unwrap_or(0), body.to_owned())
+    };
+    let (status, body) = curl(Some(65534), "POST", "/v1/identity/rotate?force=true");
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains("root or the agent"), "{body}");
+    let (status, _) = curl(Some(65534), "GET", "/v1/health");
+    assert!(status == 200 || status == 503, "{status}");
+    let (status, _) = curl(None, "GET", "/v1/identity/rotate");
+    assert_eq!(status, 405);
+    let after = d.registry.counters();
+    assert_eq!(
+        (after.csr_requests, after.register_requests),
+        (before.csr_requests, before.register_requests),
+        "nothing sent for a refused job"
+    );
+    // Root may: the job runs in the agent.
+    let (status, body) = curl(None, "POST", "/v1/identity/rotate");
+    assert_eq!(status, 200, "{body}");
+    let answer: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(answer["exit"], 0, "{body}");
+    assert!(
+        answer["message"].as_str().unwrap().contains("not due"),
+        "{body}"
+    );
     agent.stop(&d.env);
 }
 
