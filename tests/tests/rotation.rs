@@ -57,6 +57,57 @@ fn credentials_status(d: &DeviceEnv) -> u16 {
         .unwrap_or(0)
 }
 
+/// The registry's id of the certificate identity.toml names.
+fn identity_certificate_id(d: &DeviceEnv) -> String {
+    let new = d.identity().expect("identity.toml");
+    d.registry
+        .active_certificates_of(THING_NAME)
+        .into_iter()
+        .find(|c| c.public_key == cert_public_key(&new.certificate))
+        .expect("the identity's certificate is ACTIVE on the thing")
+        .id
+}
+
+/// A client asking the agent for credentials over its socket, again and again, until stopped.
+struct Poller {
+    stop: Arc<AtomicBool>,
+    thread: std::thread::JoinHandle<Vec<u16>>,
+}
+
+impl Poller {
+    fn start(d: &DeviceEnv) -> Poller {
+        let stop = Arc::new(AtomicBool::new(false));
+        let socket = d.env.socket();
+        let thread = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut statuses = Vec::new();
+                while !stop.load(Ordering::Relaxed) {
+                    statuses.push(
+                        hostile::unix_get(&socket, "/v1/credentials")
+                            .map(|r| r.status)
+                            .unwrap_or(0),
+                    );
+                }
+                statuses
+            })
+        };
+        Poller { stop, thread }
+    }
+
+    /// Stops it and asserts that it got answers, every one a 200.
+    fn assert_all_200(self) {
+        self.stop.store(true, Ordering::Relaxed);
+        let statuses = self.thread.join().unwrap();
+        assert!(!statuses.is_empty());
+        assert!(
+            statuses.iter().all(|s| *s == 200),
+            "a client saw a non-200 answer: {:?}",
+            statuses.iter().filter(|s| **s != 200).collect::<Vec<_>>()
+        );
+    }
+}
+
 /// The new identity is a different certificate on the same thing, ACTIVE, made through the
 /// rotation template; the old one stays ACTIVE (the agent calls no control-plane API).
 fn assert_rotated(d: &DeviceEnv, old: &iotcred_tests::fakeiot::device::Identity) {
@@ -93,21 +144,7 @@ fn automatic_rotation_without_a_gap() {
     let old_expiry = health(&d)["identity"]["certificate_expiration"].clone();
     assert!(old_expiry.is_string(), "expiry in health");
     // Clients poll credentials over the socket during the whole rotation.
-    let stop = Arc::new(AtomicBool::new(false));
-    let poller = {
-        let stop = stop.clone();
-        let socket = d.env.socket();
-        std::thread::spawn(move || {
-            let mut statuses = Vec::new();
-            while !stop.load(Ordering::Relaxed) {
-                let s = hostile::unix_get(&socket, "/v1/credentials")
-                    .map(|r| r.status)
-                    .unwrap_or(0);
-                statuses.push(s);
-            }
-            statuses
-        })
-    };
+    let poller = Poller::start(&d);
     let rotated = poll(LIMIT * 2, || {
         let h = health(&d);
         let r = &h["identity"]["rotation"];
@@ -116,15 +153,8 @@ fn automatic_rotation_without_a_gap() {
             && h["identity"]["certificate_expiration"] != old_expiry)
             .then_some(h)
     });
-    stop.store(true, Ordering::Relaxed);
-    let statuses = poller.join().unwrap();
+    poller.assert_all_200();
     let h = rotated.unwrap_or_else(|| panic!("no rotation: {}", agent.log()));
-    assert!(!statuses.is_empty());
-    assert!(
-        statuses.iter().all(|s| *s == 200),
-        "a client saw a non-200 answer: {:?}",
-        statuses.iter().filter(|s| **s != 200).collect::<Vec<_>>()
-    );
     assert_eq!(h["identity"]["thing_name"], THING_NAME);
     assert_eq!(h["identity"]["rotation"]["failures"], 0);
     let m = hostile::metric(
@@ -183,14 +213,7 @@ fn forced_rotation_through_a_running_agent() {
     let out = d.rotate(&config, true);
     assert_eq!(out.code, 0, "{}", out.stderr);
     assert_rotated(&d, &old);
-    let new = d.identity().unwrap();
-    let new_id = d
-        .registry
-        .active_certificates_of(THING_NAME)
-        .into_iter()
-        .find(|c| c.public_key == cert_public_key(&new.certificate))
-        .unwrap()
-        .id;
+    let new_id = identity_certificate_id(&d);
     // The running agent follows identity.toml by itself.
     let followed = poll(LIMIT, || {
         (health(&d)["identity"]["certificate_id"] == new_id.as_str()).then_some(())
@@ -215,33 +238,11 @@ fn the_agent_follows_a_rotation_made_by_another_process() {
     let socket = d.env.socket().display().to_string();
     let text = std::fs::read_to_string(&config).unwrap();
     std::fs::write(&other, text.replace(&socket, &format!("{socket}.none"))).unwrap();
-    let stop = Arc::new(AtomicBool::new(false));
-    let poller = {
-        let stop = stop.clone();
-        let socket = d.env.socket();
-        std::thread::spawn(move || {
-            let mut statuses = Vec::new();
-            while !stop.load(Ordering::Relaxed) {
-                statuses.push(
-                    hostile::unix_get(&socket, "/v1/credentials")
-                        .map(|r| r.status)
-                        .unwrap_or(0),
-                );
-            }
-            statuses
-        })
-    };
+    let poller = Poller::start(&d);
     let out = d.rotate(&other, true);
     assert_eq!(out.code, 0, "{}", out.stderr);
     assert_rotated(&d, &old);
-    let new = d.identity().unwrap();
-    let new_id = d
-        .registry
-        .active_certificates_of(THING_NAME)
-        .into_iter()
-        .find(|c| c.public_key == cert_public_key(&new.certificate))
-        .unwrap()
-        .id;
+    let new_id = identity_certificate_id(&d);
     let requests_before = d.env.provider.requests().len();
     let followed = poll(LIMIT, || {
         let h = health(&d);
@@ -249,14 +250,8 @@ fn the_agent_follows_a_rotation_made_by_another_process() {
             && d.env.provider.requests().len() > requests_before)
             .then_some(())
     });
-    stop.store(true, Ordering::Relaxed);
-    let statuses = poller.join().unwrap();
+    poller.assert_all_200();
     assert!(followed.is_some(), "agent did not switch: {}", agent.log());
-    assert!(
-        statuses.iter().all(|s| *s == 200),
-        "a client saw a non-200 answer: {:?}",
-        statuses.iter().filter(|s| **s != 200).collect::<Vec<_>>()
-    );
     assert!(
         agent.log().contains("identity.toml changed"),
         "{}",

@@ -497,6 +497,23 @@ async fn certificate_and_thing(
     result
 }
 
+/// The last step: `identity.toml` replaced atomically by `record`, then the progress record
+/// removed. A kill in between leaves a progress record for an identity already in place: the
+/// next `provision` removes it; the next rotation discards it (it names another certificate),
+/// and the key the interrupted rotation replaced is then not destroyed.
+fn switch(
+    cx: &Ctx,
+    state_dir: &Path,
+    record_path: &Path,
+    record: &IdentityRecord,
+) -> Result<(), LifecycleError> {
+    blocking(|| {
+        record.write(state_dir)?;
+        Pending::remove(record_path)
+    })
+    .map_err(|e| cx.io(Step::Identity, "write", &IdentityRecord::path(state_dir), e))
+}
+
 fn lock(cx: &Ctx, state_dir: &Path, wait: Duration) -> Result<StateLock, LifecycleError> {
     blocking(|| {
         identity::ensure_state_dir(state_dir)
@@ -522,6 +539,8 @@ pub async fn provision(config: &Config, dry_run: bool) -> Result<Outcome, Lifecy
         .as_ref()
         .ok_or_else(|| setup("no [provision] in the configuration: add it (SPEC §6)".into()))?;
     if let Some(done) = already_provisioned(config) {
+        // A run killed between the switch and the removal of its progress record left it.
+        let _ = blocking(|| Pending::remove(&config.state_dir.join(PROVISION_FILE)));
         return Ok(Outcome::unchanged(done));
     }
     let (Some(claim_cert), Some(claim_key), Some(template)) =
@@ -545,14 +564,15 @@ pub async fn provision(config: &Config, dry_run: bool) -> Result<Outcome, Lifecy
     }
     let state_dir = &config.state_dir;
     let _lock = lock(&cx, state_dir, p.timeout)?;
+    let record_path = state_dir.join(PROVISION_FILE);
     // Another process may have finished while we waited for the lock.
     if let Ok(Some(r)) = IdentityRecord::load(state_dir) {
+        let _ = blocking(|| Pending::remove(&record_path));
         return Ok(Outcome::unchanged(format!(
             "already provisioned: thing {} (identity.toml); nothing sent",
             r.thing_name.as_str()
         )));
     }
-    let record_path = state_dir.join(PROVISION_FILE);
     let mut pending = match Pending::load(&record_path)
         .map_err(|e| cx.io(Step::Setup, "read", &record_path, e))?
     {
@@ -618,11 +638,7 @@ pub async fn provision(config: &Config, dry_run: bool) -> Result<Outcome, Lifecy
         certificate_id: Some(issued.certificate_id.clone()),
         device_configuration,
     };
-    blocking(|| {
-        record.write(state_dir)?;
-        Pending::remove(&record_path)
-    })
-    .map_err(|e| cx.io(Step::Identity, "write", &IdentityRecord::path(state_dir), e))?;
+    switch(&cx, state_dir, &record_path, &record)?;
     Ok(Outcome {
         lines: vec![
             format!("provisioned: thing {thing}"),
@@ -786,11 +802,7 @@ pub async fn rotate(config: &Config, force: bool) -> Result<Outcome, LifecycleEr
         certificate_id: Some(issued.certificate_id.clone()),
         device_configuration,
     };
-    blocking(|| {
-        record.write(state_dir)?;
-        Pending::remove(&record_path)
-    })
-    .map_err(|e| cx.io(Step::Identity, "write", &IdentityRecord::path(state_dir), e))?;
+    switch(&cx, state_dir, &record_path, &record)?;
     Ok(Outcome {
         lines: vec![
             format!("rotated: thing {}", thing.as_str()),
