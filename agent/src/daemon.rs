@@ -367,8 +367,10 @@ pub async fn run(config: Config) -> Exit {
             _ = sigint.recv() => break,
             _ = sighup.recv() => {
                 sdnotify::reloading();
+                identity_stamp = stamp(&identity_file);
                 generation = reload(generation, &metrics, clock, &server_state).await;
                 changes = merged_changes(generation.roles.handles());
+                let _ = config_tx.send(Arc::new(generation.config.clone()));
                 status.reloaded();
             }
             _ = watchdog_tick.tick(), if watchdog.is_some() => sdnotify::watchdog(),
