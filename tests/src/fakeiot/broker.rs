@@ -85,6 +85,7 @@ pub struct Broker {
     conf: PathBuf,
     acl_path: PathBuf,
     log: PathBuf,
+    tcp_nodelay: bool,
     child: Option<Child>,
 }
 
@@ -95,6 +96,16 @@ impl Broker {
     /// of 127.0.0.1 with `pki`'s CA and server certificate. Returns once the port accepts
     /// connections.
     pub fn start(dir: &Path, pki: &Pki, acl: &Acl) -> Result<Broker, Error> {
+        Broker::start_with(dir, pki, acl, false)
+    }
+
+    /// [`Broker::start`], with mosquitto's `set_tcp_nodelay` set to `tcp_nodelay`.
+    pub fn start_with(
+        dir: &Path,
+        pki: &Pki,
+        acl: &Acl,
+        tcp_nodelay: bool,
+    ) -> Result<Broker, Error> {
         require_file(MOSQUITTO, "mosquitto").map_err(|e| Error::Config(e.0))?;
         std::fs::create_dir_all(dir)
             .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
@@ -109,6 +120,7 @@ impl Broker {
                 conf: dir.join("mosquitto.conf"),
                 acl_path: acl_path.clone(),
                 log: dir.join("mosquitto.log"),
+                tcp_nodelay,
                 child: None,
             };
             broker.write_conf(pki)?;
@@ -147,6 +159,9 @@ impl Broker {
             cert = pki.server.cert.display(),
             key = pki.server.key.display(),
         );
+        if self.tcp_nodelay {
+            c.push_str("set_tcp_nodelay true\n");
+        }
         write(&self.conf, &c)
     }
 

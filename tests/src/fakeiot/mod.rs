@@ -52,6 +52,11 @@ pub struct FakeIotOptions {
     pub deny: Vec<String>,
     /// CNs that get the device policy (the CSR subjects). Default `["iotcred"]`.
     pub device_users: Vec<String>,
+    /// TCP_NODELAY on the fake's side: mosquitto's `set_tcp_nodelay` and the responder's
+    /// socket. Default false (both programs' defaults: Nagle's algorithm on, so a small packet
+    /// may wait for the peer's delayed ACK, up to ~40 ms on Linux loopback). The provisioning
+    /// benchmark also runs with true, so that the fake adds no such stall of its own.
+    pub tcp_nodelay: bool,
 }
 
 impl Default for FakeIotOptions {
@@ -59,6 +64,7 @@ impl Default for FakeIotOptions {
         FakeIotOptions {
             deny: Vec::new(),
             device_users: vec![DEVICE_CN.to_owned()],
+            tcp_nodelay: false,
         }
     }
 }
@@ -105,13 +111,14 @@ impl FakeIot {
             templates: registry.template_names(),
             deny: options.deny,
         };
-        let broker = Broker::start(dir, pki, &acl)?;
-        let responder = Responder::start(
+        let broker = Broker::start_with(dir, pki, &acl, options.tcp_nodelay)?;
+        let responder = Responder::start_with(
             broker.port(),
             &pki.ca_cert,
             &responder_identity,
             Arc::clone(&registry),
             START_LIMIT,
+            options.tcp_nodelay,
         )
         .map_err(|e| Error::Config(format!("{e}; broker log:\n{}", broker.logs())))?;
         Ok(FakeIot {

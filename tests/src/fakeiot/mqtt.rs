@@ -83,6 +83,18 @@ impl Responder {
         registry: Arc<Registry>,
         limit: Duration,
     ) -> Result<Responder, Error> {
+        Responder::start_with(port, ca, identity, registry, limit, false)
+    }
+
+    /// [`Responder::start`], with TCP_NODELAY on its socket set to `tcp_nodelay`.
+    pub fn start_with(
+        port: u16,
+        ca: &Path,
+        identity: &CertKey,
+        registry: Arc<Registry>,
+        limit: Duration,
+        tcp_nodelay: bool,
+    ) -> Result<Responder, Error> {
         let tls = tls_config(ca, identity)?;
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
@@ -94,7 +106,10 @@ impl Responder {
         let subscribed = Arc::new(Generation::default());
         let gen2 = Arc::clone(&subscribed);
         runtime.spawn(async move {
-            let (client, el) = AsyncClient::new(options("fakeiot-responder", port, tls), 64);
+            let (client, mut el) = AsyncClient::new(options("fakeiot-responder", port, tls), 64);
+            let mut net = el.network_options();
+            net.set_tcp_nodelay(tcp_nodelay);
+            el.set_network_options(net);
             run(client, el, registry, stop_rx, gen2).await;
         });
         let r = Responder {
