@@ -221,7 +221,18 @@ impl Source for NotProvisioned {
     }
 }
 
-/// How often `run` looks at `identity.toml` for a switch made by another process.
+/// How `run` notices an `identity.toml` switched by another process.
+enum IdentityWatch {
+    /// inotify on `state_dir`.
+    Inotify(crate::identity::DirWatch),
+    /// inotify failed: a look every [`IDENTITY_POLL`].
+    Poll,
+    /// No `[provision]` and no `identity.toml`: nothing can switch it.
+    Off,
+}
+
+/// How often `run` looks at `identity.toml` for a switch made by another process when it
+/// cannot watch `state_dir`.
 const IDENTITY_POLL: Duration = Duration::from_secs(2);
 
 /// What identifies one version of `identity.toml`: an atomic replacement changes the inode.
@@ -323,6 +334,27 @@ pub async fn run(config: Config) -> Exit {
     ));
     let identity_file = crate::identity::IdentityRecord::path(&generation.config.state_dir);
     let mut identity_stamp = stamp(&identity_file);
+    // identity.toml switched by another process: inotify on state_dir (created now if missing,
+    // SPEC §8), else a poll every IDENTITY_POLL. Only where provisioning or rotation can happen.
+    let follows = generation.config.provision.is_some() || generation.config.record.is_some();
+    let state_watch = if follows {
+        let dir = &generation.config.state_dir;
+        match crate::identity::ensure_state_dir(dir)
+            .and_then(|()| crate::identity::DirWatch::new(dir))
+        {
+            Ok(w) => IdentityWatch::Inotify(w),
+            Err(e) => {
+                tracing::warn!(
+                    state_dir = %dir.display(),
+                    error = %e,
+                    "cannot watch state_dir: checking identity.toml every 2 s instead"
+                );
+                IdentityWatch::Poll
+            }
+        }
+    } else {
+        IdentityWatch::Off
+    };
     let (server_stop_tx, server_stop_rx) = watch::channel(false);
     let server_task = {
         let state = server_state.clone();
@@ -344,6 +376,18 @@ pub async fn run(config: Config) -> Exit {
     }
     let mut identity_poll = tokio::time::interval(IDENTITY_POLL);
     identity_poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let identity_changed =
+        async |watch: &IdentityWatch, poll: &mut tokio::time::Interval| match watch {
+            IdentityWatch::Inotify(w) => {
+                if w.changed().await.is_err() {
+                    std::future::pending::<()>().await;
+                }
+            }
+            IdentityWatch::Poll => {
+                poll.tick().await;
+            }
+            IdentityWatch::Off => std::future::pending::<()>().await,
+        };
     let (mut sigterm, mut sigint, mut sighup) = match (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
@@ -375,7 +419,7 @@ pub async fn run(config: Config) -> Exit {
             }
             _ = watchdog_tick.tick(), if watchdog.is_some() => sdnotify::watchdog(),
             _ = changes.changed() => {}
-            _ = identity_poll.tick() => {
+            _ = identity_changed(&state_watch, &mut identity_poll) => {
                 let now = stamp(&identity_file);
                 if now != identity_stamp {
                     identity_stamp = now;

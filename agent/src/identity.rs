@@ -231,6 +231,82 @@ impl StateLock {
     }
 }
 
+/// Wakes when anything changes in a directory (inotify): how a running agent learns that
+/// another process switched `identity.toml`, without waking up while nothing happens.
+#[derive(Debug)]
+pub struct DirWatch {
+    fd: tokio::io::unix::AsyncFd<std::os::fd::OwnedFd>,
+}
+
+impl DirWatch {
+    /// Watches `dir` for files created, written, moved in or out, or deleted.
+    pub fn new(dir: &Path) -> io::Result<DirWatch> {
+        use std::os::fd::FromRawFd;
+        use std::os::unix::ffi::OsStrExt;
+        let path = std::ffi::CString::new(dir.as_os_str().as_bytes())
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in path"))?;
+        // SAFETY: inotify_init1 has no preconditions; the descriptor is owned below.
+        let raw = unsafe { libc::inotify_init1(libc::IN_NONBLOCK | libc::IN_CLOEXEC) };
+        if raw < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `raw` is a fresh descriptor that nothing else owns.
+        let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(raw) };
+        let mask = libc::IN_CLOSE_WRITE
+            | libc::IN_MOVED_TO
+            | libc::IN_MOVED_FROM
+            | libc::IN_CREATE
+            | libc::IN_DELETE
+            | libc::IN_DELETE_SELF
+            | libc::IN_MOVE_SELF;
+        // SAFETY: a valid inotify descriptor and a NUL-terminated path.
+        if unsafe { libc::inotify_add_watch(fd.as_raw_fd(), path.as_ptr(), mask) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: an OwnedFd: open, and the same descriptor for as long as the AsyncFd owns it.
+        let fd = unsafe {
+            tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE)
+        }
+        .map_err(|e| e.into_parts().1)?;
+        Ok(DirWatch { fd })
+    }
+
+    /// Waits for the next change(s), and drains every event queued so far.
+    pub async fn changed(&self) -> io::Result<()> {
+        loop {
+            let mut guard = self.fd.readable().await?;
+            let mut buf = [0u8; 4096];
+            let mut got = false;
+            loop {
+                // SAFETY: reading into a buffer of its stated length from our descriptor.
+                let n = unsafe {
+                    libc::read(
+                        self.fd.get_ref().as_raw_fd(),
+                        buf.as_mut_ptr().cast(),
+                        buf.len(),
+                    )
+                };
+                if n > 0 {
+                    got = true;
+                    continue;
+                }
+                let e = io::Error::last_os_error();
+                if n < 0 && e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                if n < 0 && e.kind() != io::ErrorKind::WouldBlock {
+                    return Err(e);
+                }
+                break;
+            }
+            guard.clear_ready();
+            if got {
+                return Ok(());
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -283,6 +359,18 @@ mod tests {
             assert!(m.contains(want), "{text:?}: {m}");
             assert!(m.contains("iotcred provision"), "{m}");
         }
+    }
+
+    #[tokio::test]
+    async fn a_directory_watch_wakes_on_an_atomic_replacement() {
+        let d = tempfile::tempdir().unwrap();
+        let watch = DirWatch::new(d.path()).unwrap();
+        let record = d.path().join(IDENTITY_FILE);
+        crate::sinks::write_atomic(&record, 0o600, b"x").unwrap();
+        // The events of the write are queued: this returns without waiting.
+        watch.changed().await.unwrap();
+        crate::sinks::write_atomic(&record, 0o600, b"y").unwrap();
+        watch.changed().await.unwrap();
     }
 
     #[test]

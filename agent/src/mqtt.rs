@@ -315,6 +315,9 @@ impl MqttSession {
         let seconds = whole_seconds(target.timeout);
         let mut net = NetworkOptions::new();
         net.set_connection_timeout(seconds.max(1));
+        // Request/response in small packets: without this, a SUBSCRIBE waits behind the
+        // unacknowledged PUBACK of the previous reply (Nagle + delayed ACK, ~40 ms a step).
+        net.set_tcp_nodelay(true);
         eventloop.set_network_options(net);
 
         let target_s = target.server.to_string();
