@@ -170,6 +170,9 @@ fn rejected_at(step: Step, status: u16, code: &str, message: &str, step_name: &s
     assert!(out.stderr.contains(step_name), "step named: {}", out.stderr);
     assert!(out.stderr.contains(code), "errorCode: {}", out.stderr);
     assert!(out.stderr.contains(message), "errorMessage: {}", out.stderr);
+    if status == 429 {
+        assert!(out.stderr.contains("throttled"), "{}", out.stderr);
+    }
     assert!(d.identity().is_none());
     d.check_state_files();
     // A later run (fault consumed) succeeds.
@@ -193,6 +196,13 @@ fn every_rejected_reply_exits_3_naming_step_and_message() {
         403,
         "AccessDeniedException",
         "Not authorized to create certificates",
+        "CreateCertificateFromCsr",
+    );
+    rejected_at(
+        Step::CreateCertificateFromCsr,
+        429,
+        "ThrottlingException",
+        "Rate exceeded",
         "CreateCertificateFromCsr",
     );
     rejected_at(

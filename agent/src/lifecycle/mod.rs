@@ -101,6 +101,10 @@ pub struct LifecycleError {
     pub message: String,
     /// RegisterThing refused the ownership token: the next run requests a new certificate.
     pub token_refused: bool,
+    /// A `/rejected` reply that a later try may not get: throttling (429) or an AWS-side
+    /// error (5xx). It still exits 3 (SPEC §8.1), but the agent retries it like a transient
+    /// failure rather than waiting as after a refusal.
+    pub throttled: bool,
 }
 
 impl std::fmt::Display for LifecycleError {
@@ -161,6 +165,7 @@ impl Ctx {
             exit,
             message: message.into(),
             token_refused: false,
+            throttled: false,
         }
     }
 
@@ -188,6 +193,9 @@ impl Ctx {
                 if error_code.to_ascii_lowercase().contains("token")
         );
         let hint = match (&e, step) {
+            (MqttError::Rejected { status_code: Some(c), .. }, _) if *c == 429 || *c >= 500 => {
+                "AWS IoT throttled the request or failed on its side: try again later (the agent retries with backoff); a batch of devices powered on together needs [provision] startup_jitter_seconds or a higher quota".to_string()
+            }
             (MqttError::Rejected { error_code, .. }, Step::Thing)
                 if error_code.to_ascii_lowercase().contains("token") =>
             {
@@ -206,8 +214,13 @@ impl Ctx {
         } else {
             format!("{e}; {hint}")
         };
+        let throttled = matches!(
+            &e,
+            MqttError::Rejected { status_code: Some(c), .. } if *c == 429 || *c >= 500
+        );
         LifecycleError {
             token_refused,
+            throttled,
             ..self.err(step, exit, message)
         }
     }

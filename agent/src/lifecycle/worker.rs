@@ -232,8 +232,9 @@ pub(crate) async fn run(
                         JobKind::Provision => Backoff::PROVISION,
                         JobKind::Rotate { .. } => Backoff::ROTATION,
                     };
-                    // A rejection a retry will not cure waits long; anything else backs off.
-                    let delay = if e.exit == Exit::Permanent {
+                    // A rejection a retry will not cure waits long; anything else (throttling
+                    // included) backs off.
+                    let delay = if e.exit == Exit::Permanent && !e.throttled {
                         policy.permanent_delay(random())
                     } else {
                         policy.delay(w.failures, random())
