@@ -1,7 +1,7 @@
 //! The record of the live device identity (SPEC §8): `<state_dir>/identity.toml`, written by
 //! `provision` and `rotate`, read with the configuration; the state directory and its lock.
 //!
-//! Every file here is written atomically ([`crate::sinks::write_atomic`]): a reader sees the old
+//! Every file here is written atomically (`sinks::write_atomic`): a reader sees the old
 //! or the new file, never a partial one.
 
 use std::collections::BTreeMap;
