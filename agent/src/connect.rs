@@ -129,23 +129,16 @@ impl std::fmt::Display for TlsFailure {
                 | A::CertificateRevoked
                 | A::CertificateExpired
                 | A::UnsupportedCertificate,
-            )) if *service == Service::Provider => write!(
-                f,
-                "{target} rejected the device certificate during TLS: check that the certificate is registered and ACTIVE in AWS IoT and matches the key"
-            ),
-            Some(E::AlertReceived(
-                A::BadCertificate
-                | A::CertificateRequired
-                | A::UnknownCA
-                | A::CertificateUnknown
-                | A::AccessDenied
-                | A::CertificateRevoked
-                | A::CertificateExpired
-                | A::UnsupportedCertificate,
-            )) if *service == Service::Mqtt => write!(
-                f,
-                "the MQTT broker at {target} rejected the client certificate during TLS: check that the certificate (the claim certificate when provisioning, else the device certificate) is registered and ACTIVE in AWS IoT, matches the key, and has a policy attached"
-            ),
+            )) if *service != Service::Sts => match service {
+                Service::Mqtt => write!(
+                    f,
+                    "the MQTT broker at {target} rejected the client certificate during TLS: check that the certificate (the claim certificate when provisioning, else the device certificate) is registered and ACTIVE in AWS IoT, matches the key, and has a policy attached"
+                ),
+                _ => write!(
+                    f,
+                    "{target} rejected the device certificate during TLS: check that the certificate is registered and ACTIVE in AWS IoT and matches the key"
+                ),
+            },
             Some(E::InvalidCertificate(C::NotValidYet | C::NotValidYetContext { .. })) => write!(
                 f,
                 "the server certificate of {peer}{target} is not valid yet by this device's clock ({}): set the system clock (NTP/RTC)",

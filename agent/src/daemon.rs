@@ -412,9 +412,8 @@ pub async fn run(config: Config) -> Exit {
             _ = sighup.recv() => {
                 sdnotify::reloading();
                 identity_stamp = stamp(&identity_file);
-                generation = reload(generation, &metrics, clock, &server_state).await;
-                changes = merged_changes(generation.roles.handles());
-                let _ = config_tx.send(Arc::new(generation.config.clone()));
+                (generation, changes) =
+                    reload_and_tell(generation, &metrics, clock, &server_state, &config_tx).await;
                 status.reloaded();
             }
             _ = watchdog_tick.tick(), if watchdog.is_some() => sdnotify::watchdog(),
@@ -424,18 +423,16 @@ pub async fn run(config: Config) -> Exit {
                 if now != identity_stamp {
                     identity_stamp = now;
                     tracing::info!(path = %identity_file.display(), "identity.toml changed: reloading");
-                    generation = reload(generation, &metrics, clock, &server_state).await;
-                    changes = merged_changes(generation.roles.handles());
-                    let _ = config_tx.send(Arc::new(generation.config.clone()));
+                    (generation, changes) =
+                        reload_and_tell(generation, &metrics, clock, &server_state, &config_tx).await;
                 }
             }
             Some(finished) = done_rx.recv() => {
-                let crate::lifecycle::worker::Finished { result, reply, ack, .. } = finished;
+                let crate::lifecycle::worker::Finished { result, reply, ack } = finished;
                 if matches!(&result, Ok(o) if o.switched) {
                     identity_stamp = stamp(&identity_file);
-                    generation = reload(generation, &metrics, clock, &server_state).await;
-                    changes = merged_changes(generation.roles.handles());
-                    let _ = config_tx.send(Arc::new(generation.config.clone()));
+                    (generation, changes) =
+                        reload_and_tell(generation, &metrics, clock, &server_state, &config_tx).await;
                     status.reloaded();
                 }
                 if let Ok(crate::lifecycle::Outcome { retired: Some(old), .. }) = &result {
@@ -602,6 +599,21 @@ async fn reload(
         cert_pem,
         roles,
     }
+}
+
+/// [`reload`], then what follows every reload: the change signal of the new roles, and the
+/// new configuration handed to the identity worker.
+async fn reload_and_tell(
+    old: Generation,
+    metrics: &Arc<Metrics>,
+    clock: Clock,
+    server: &server::ServerState,
+    worker_config: &watch::Sender<Arc<Config>>,
+) -> (Generation, watch::Receiver<()>) {
+    let generation = reload(old, metrics, clock, server).await;
+    let changes = merged_changes(generation.roles.handles());
+    let _ = worker_config.send(Arc::new(generation.config.clone()));
+    (generation, changes)
 }
 
 /// A receiver that changes whenever any role's state changes.

@@ -22,12 +22,13 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use iotcred_core::UnixTime;
+use iotcred_core::{ThingName, UnixTime};
 use zeroize::Zeroizing;
 
 use crate::config::{Config, Provision, RoleSource};
 use crate::exit::Exit;
 use crate::identity::{self, IdentityRecord, StateLock};
+use crate::keys::pkcs11::off_worker as blocking;
 use crate::keys::{self, KeySource};
 use crate::mqtt::{MqttError, MqttSession, MqttTarget};
 use crate::tls;
@@ -187,18 +188,20 @@ impl Ctx {
     /// An MQTT failure of `step` on `topic`, with what usually fixes it.
     fn mqtt(&self, step: Step, topic: &str, e: MqttError) -> LifecycleError {
         let exit = e.exit();
+        let throttled = matches!(
+            &e,
+            MqttError::Rejected { status_code: Some(c), .. } if *c == 429 || *c >= 500
+        );
         let token_refused = matches!(
             (&e, step),
             (MqttError::Rejected { error_code, .. }, Step::Thing)
                 if error_code.to_ascii_lowercase().contains("token")
         );
         let hint = match (&e, step) {
-            (MqttError::Rejected { status_code: Some(c), .. }, _) if *c == 429 || *c >= 500 => {
+            _ if throttled => {
                 "AWS IoT throttled the request or failed on its side: try again later (the agent retries with backoff); a batch of devices powered on together needs [provision] startup_jitter_seconds or a higher quota".to_string()
             }
-            (MqttError::Rejected { error_code, .. }, Step::Thing)
-                if error_code.to_ascii_lowercase().contains("token") =>
-            {
+            _ if token_refused => {
                 "the certificate ownership token was refused (expired or used): a re-run requests a new certificate".to_string()
             }
             (MqttError::Rejected { .. }, Step::Certificate) => {
@@ -214,10 +217,6 @@ impl Ctx {
         } else {
             format!("{e}; {hint}")
         };
-        let throttled = matches!(
-            &e,
-            MqttError::Rejected { status_code: Some(c), .. } if *c == 429 || *c >= 500
-        );
         LifecycleError {
             token_refused,
             throttled,
@@ -228,15 +227,14 @@ impl Ctx {
 
 /// A fresh MQTT client id: `iotcred-` and 16 random hex digits.
 fn random_client_id() -> String {
-    let mut b = [0u8; 8];
-    let _ = getrandom::fill(&mut b);
-    format!("iotcred-{:016x}", u64::from_be_bytes(b))
+    format!("iotcred-{}", random_hex(8))
 }
 
+/// `n` random bytes in hex.
 fn random_hex(n: usize) -> String {
     let mut b = vec![0u8; n];
     let _ = getrandom::fill(&mut b);
-    b.iter().map(|x| format!("{x:02x}")).collect()
+    crate::server::hex(&b)
 }
 
 fn mqtt_target(p: &Provision) -> MqttTarget {
@@ -259,13 +257,31 @@ async fn connect(
         .map_err(|e| cx.mqtt(step, &p.endpoint.to_string(), e))
 }
 
-/// Runs blocking work (PKCS#11, files, the lock) off the async workers when there are some.
-fn blocking<T>(f: impl FnOnce() -> T) -> T {
-    match tokio::runtime::Handle::try_current() {
-        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
-            tokio::task::block_in_place(f)
-        }
-        _ => f(),
+/// Where a new PEM key goes: a fresh file name in `<state_dir>/keys/`.
+fn new_pem_key(state_dir: &Path) -> KeySource {
+    KeySource::Pem(
+        state_dir
+            .join(identity::KEYS_DIR)
+            .join(format!("device-{}.key", random_hex(8))),
+    )
+}
+
+/// Where a key made next to `like` goes: in its token under the same label with a new random
+/// `CKA_ID`, or a new PEM file in `<state_dir>/keys/`.
+fn new_key_beside(
+    cx: &Ctx,
+    like: &KeySource,
+    state_dir: &Path,
+) -> Result<KeySource, LifecycleError> {
+    match like {
+        KeySource::Pkcs11(uri) => uri.with_new_id().map(KeySource::Pkcs11).map_err(|e| {
+            cx.err(
+                Step::Key,
+                Exit::Other,
+                format!("no randomness for a new key id: {e}"),
+            )
+        }),
+        KeySource::Pem(_) => Ok(new_pem_key(state_dir)),
     }
 }
 
@@ -383,7 +399,7 @@ async fn register_thing(
     template: &str,
     parameters: &[(String, String)],
     token: &str,
-) -> Result<(String, BTreeMap<String, String>), LifecycleError> {
+) -> Result<(ThingName, BTreeMap<String, String>), LifecycleError> {
     let step = Step::Thing;
     let topic = register_topic(template);
     let params: serde_json::Map<String, serde_json::Value> = parameters
@@ -400,15 +416,14 @@ async fn register_thing(
     let thing = reply
         .get("thingName")
         .and_then(|v| v.as_str())
-        .filter(|t| iotcred_core::ThingName::new(t).is_ok())
+        .and_then(|t| ThingName::new(t).ok())
         .ok_or_else(|| {
             cx.err(
                 step,
                 Exit::Transient,
                 format!("the accepted reply on {topic}/accepted has no valid thingName"),
             )
-        })?
-        .to_string();
+        })?;
     let config = reply
         .get("deviceConfiguration")
         .and_then(|v| v.as_object())
@@ -443,7 +458,7 @@ async fn certificate_and_thing(
     (csr, spki): (&str, &[u8]),
     template: &str,
     parameters: &[(String, String)],
-) -> Result<(Issued, String, BTreeMap<String, String>), LifecycleError> {
+) -> Result<(Issued, ThingName, BTreeMap<String, String>), LifecycleError> {
     let state_dir = record_path.parent().unwrap_or(Path::new("."));
     let mut session: Option<MqttSession> = None;
     let mut requested = false;
@@ -595,26 +610,15 @@ pub async fn provision(config: &Config, dry_run: bool) -> Result<Outcome, Lifecy
         }
         None => {
             let key = match &p.key {
-                None => KeySource::Pem(
-                    state_dir
-                        .join(identity::KEYS_DIR)
-                        .join(format!("device-{}.key", random_hex(8))),
-                ),
+                None => new_pem_key(state_dir),
                 // A label without an id gets a new random id, so that this key stays apart
                 // from the keys later rotations make under the same label — unless a key with
                 // that label already exists (made by the user): then it is used as configured.
-                Some(KeySource::Pkcs11(uri)) if uri.id.is_none() => {
-                    let src = KeySource::Pkcs11(uri.clone());
-                    if blocking(|| keys::key_exists(&src)).map_err(|e| cx.key(e))? {
-                        src
+                Some(src @ KeySource::Pkcs11(uri)) if uri.id.is_none() => {
+                    if blocking(|| keys::key_exists(src)).map_err(|e| cx.key(e))? {
+                        src.clone()
                     } else {
-                        KeySource::Pkcs11(uri.with_new_id().map_err(|e| {
-                            cx.err(
-                                Step::Key,
-                                Exit::Other,
-                                format!("no randomness for a new key id: {e}"),
-                            )
-                        })?)
+                        new_key_beside(&cx, src, state_dir)?
                     }
                 }
                 Some(k) => k.clone(),
@@ -643,26 +647,26 @@ pub async fn provision(config: &Config, dry_run: bool) -> Result<Outcome, Lifecy
         &p.parameters,
     )
     .await?;
+    let lines = vec![
+        format!("provisioned: thing {}", thing.as_str()),
+        format!(
+            "certificate: {} (id {})",
+            issued.path.display(),
+            issued.certificate_id
+        ),
+        format!("key: {}", pending.key),
+        format!("identity: {}", IdentityRecord::path(state_dir).display()),
+    ];
     let record = IdentityRecord {
-        thing_name: iotcred_core::ThingName::new(&thing)
-            .map_err(|e| cx.err(Step::Thing, Exit::Transient, e.to_string()))?,
-        certificate: issued.path.clone(),
-        key: pending.key.clone(),
-        certificate_id: Some(issued.certificate_id.clone()),
+        thing_name: thing,
+        certificate: issued.path,
+        key: pending.key,
+        certificate_id: Some(issued.certificate_id),
         device_configuration,
     };
     switch(&cx, state_dir, &record_path, &record)?;
     Ok(Outcome {
-        lines: vec![
-            format!("provisioned: thing {thing}"),
-            format!(
-                "certificate: {} (id {})",
-                issued.path.display(),
-                issued.certificate_id
-            ),
-            format!("key: {}", pending.key),
-            format!("identity: {}", IdentityRecord::path(state_dir).display()),
-        ],
+        lines,
         switched: true,
         retired: None,
     })
@@ -748,20 +752,7 @@ pub async fn rotate(config: &Config, force: bool) -> Result<Outcome, LifecycleEr
                     let _ = blocking(|| keys::destroy_key(&stale.key));
                 }
             }
-            let key = match &device.key {
-                KeySource::Pkcs11(uri) => KeySource::Pkcs11(uri.with_new_id().map_err(|e| {
-                    cx.err(
-                        Step::Key,
-                        Exit::Other,
-                        format!("no randomness for a new key id: {e}"),
-                    )
-                })?),
-                KeySource::Pem(_) => KeySource::Pem(
-                    state_dir
-                        .join(identity::KEYS_DIR)
-                        .join(format!("device-{}.key", random_hex(8))),
-                ),
-            };
+            let key = new_key_beside(&cx, &device.key, state_dir)?;
             let fresh = Pending {
                 key,
                 certificate: None,
@@ -787,13 +778,14 @@ pub async fn rotate(config: &Config, force: bool) -> Result<Outcome, LifecycleEr
         &parameters,
     )
     .await?;
-    if registered_thing != thing.as_str() {
+    if registered_thing != *thing {
         return Err(cx.err(
             Step::Thing,
             Exit::Permanent,
             format!(
-                "template {} registered the new certificate with thing {registered_thing:?}, not {:?}: the rotation template must attach it to the existing thing (its ThingName parameter)",
+                "template {} registered the new certificate with thing {:?}, not {:?}: the rotation template must attach it to the existing thing (its ThingName parameter)",
                 rot.template,
+                registered_thing.as_str(),
                 thing.as_str()
             ),
         ));

@@ -72,7 +72,8 @@ struct Worker {
 }
 
 impl Worker {
-    fn plan(&self, config: &Config) -> Option<Plan> {
+    /// `leaf` is the current certificate's ([`leaf`] of `config`).
+    fn plan(&self, config: &Config, leaf: Option<&Leaf>) -> Option<Plan> {
         let now = UnixTime::now();
         if config.device.is_none() {
             let p = config.provision.as_ref()?;
@@ -93,7 +94,7 @@ impl Worker {
                 at,
             });
         }
-        let leaf = leaf(config)?;
+        let leaf = leaf?;
         // A point in the rotation window that is the same across restarts and differs between
         // devices (core's `rotation_at`), so a fleet that becomes due while running spreads
         // its rotations. A certificate already in its window when the agent started (a device
@@ -117,8 +118,8 @@ impl Worker {
         })
     }
 
-    fn show(&self, config: &Config, plan: Option<Plan>) {
-        let not_after = leaf(config).map(|l| l.not_after);
+    fn show(&self, config: &Config, leaf: Option<&Leaf>, plan: Option<Plan>) {
+        let not_after = leaf.map(|l| l.not_after);
         self.status.update(|s| {
             s.identity = if config.device.is_some() {
                 IdentityState::Provisioned
@@ -171,8 +172,10 @@ pub(crate) async fn run(
     };
     loop {
         let current = config.borrow_and_update().clone();
-        let plan = w.plan(&current);
-        w.show(&current, plan);
+        // The certificate is read once per look at the configuration.
+        let leaf = leaf(&current);
+        let plan = w.plan(&current, leaf.as_ref());
+        w.show(&current, leaf.as_ref(), plan);
         let wait = plan.map(|p| p.at.saturating_duration_since(UnixTime::now()));
         let (kind, reply) = tokio::select! {
             _ = stop.changed() => return,

@@ -589,7 +589,7 @@ pub(super) fn random<const N: usize>() -> Result<[u8; N], ServeError> {
     Ok(b)
 }
 
-pub(super) fn hex(bytes: &[u8]) -> String {
+pub(crate) fn hex(bytes: &[u8]) -> String {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
     let mut s = String::with_capacity(bytes.len() * 2);
     for b in bytes {

@@ -31,6 +31,7 @@ use tokio::sync::{Semaphore, mpsc, watch};
 use zeroize::Zeroizing;
 
 pub use imds::ImdsConfig;
+pub(crate) use listen::hex;
 pub use listen::{Activation, TOKEN_DIRS, parse_listen_env};
 
 use crate::metrics::Metrics;

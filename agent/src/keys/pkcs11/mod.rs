@@ -21,7 +21,8 @@ pub(super) use session::{load_module, open_logged_in, read_pin};
 pub(super) use signer::sign_once;
 
 use super::{KeyError, ObjectType, Pkcs11Uri};
-use session::{KeySession, off_worker};
+use session::KeySession;
+pub(crate) use session::off_worker;
 
 /// The kind of key in the token.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -42,8 +42,9 @@ use super::lookup::{describe_key, find_private_key, find_token};
 use crate::keys::{KeyError, PinSource, Pkcs11Uri, SignFailure};
 
 /// Runs a blocking token call so that it never occupies an async worker (see the module
-/// documentation).
-pub(super) fn off_worker<T>(call: impl FnOnce() -> T) -> T {
+/// documentation). Also used for the other blocking work of provisioning and rotation (key
+/// generation, durable writes, the state lock).
+pub(crate) fn off_worker<T>(call: impl FnOnce() -> T) -> T {
     use tokio::runtime::{Handle, RuntimeFlavor};
     match Handle::try_current().map(|h| h.runtime_flavor()) {
         Ok(RuntimeFlavor::MultiThread) => tokio::task::block_in_place(call),
