@@ -46,27 +46,9 @@ const DAY: i64 = 86_400;
 /// Power-on, as a wall-clock time (2027-01-04T08:00:00Z): only the rotation maths needs one.
 const POWER_ON: i64 = 1_798_963_200 + 8 * 3600;
 
-/// splitmix64 (Steele, Lea, Flood 2014): tiny, fast, good enough to spread a simulated fleet.
-struct SplitMix64(u64);
-
-impl SplitMix64 {
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    fn next_u32(&mut self) -> u32 {
-        (self.next_u64() >> 32) as u32
-    }
-
-    /// Uniform in `[low, high]`.
-    fn between(&mut self, low: u64, high: u64) -> u64 {
-        low + ((u128::from(self.next_u64()) * u128::from(high - low + 1)) >> 64) as u64
-    }
-}
+#[path = "support/splitmix.rs"]
+mod splitmix;
+use splitmix::SplitMix64;
 
 const UNLIMITED: Quotas = Quotas {
     csr: u32::MAX,

@@ -1,7 +1,7 @@
 //! Helpers for the reliability suites (`tests/tests/reliability_*.rs`): a raw HTTP/1.1 client
 //! for the agent's Unix socket, `/v1/health` and `/v1/metrics` readers, a switchable loopback
-//! TCP forwarder (to put several upstreams — or a closed port — behind one endpoint), and
-//! `/proc` readers for a process's descriptors and peak memory.
+//! TCP forwarder (to put several upstreams — or a closed port — behind one endpoint),
+//! `/proc` readers for a process's descriptors and peak memory, and curl run as another user.
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -306,4 +306,33 @@ pub fn file_names(dir: &Path) -> Vec<String> {
 /// `dir/name`.
 pub fn join(dir: &Path, name: &str) -> PathBuf {
     dir.join(name)
+}
+
+/// curl as `uid` (via `setpriv`, no supplementary groups) or as ourselves, with `args` (no
+/// proxy from the environment; 20 s at most): (status, body).
+pub fn curl_as(uid: Option<u32>, args: &[&str]) -> (u16, String) {
+    let mut cmd = match uid {
+        Some(u) => {
+            let mut c = std::process::Command::new("setpriv");
+            c.args([
+                format!("--reuid={u}"),
+                format!("--regid={u}"),
+                "--clear-groups".into(),
+                "curl".into(),
+            ]);
+            c
+        }
+        None => std::process::Command::new("curl"),
+    };
+    let out = cmd
+        .args(["-sS", "--max-time", "20", "-w", "\n%{http_code}"])
+        .args(args)
+        .env_remove("http_proxy")
+        .env_remove("HTTP_PROXY")
+        .env_remove("all_proxy")
+        .output()
+        .expect("run curl");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
+    (code.trim().parse().unwrap_or(0), body.to_owned())
 }

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use iotcred_core::UnixTime;
 use iotcred_tests::agent::{Agent, Env, poll};
+use iotcred_tests::hostile::curl_as as curl;
 use iotcred_tests::provider::Fault;
 
 const LIMIT: Duration = Duration::from_secs(30);
@@ -386,34 +387,6 @@ fn same_limits_as_the_main_listener() {
 fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions and cannot fail.
     unsafe { libc::geteuid() == 0 }
-}
-
-/// curl as `uid` (via `setpriv`, no supplementary groups) or as ourselves: (status, body).
-fn curl(uid: Option<u32>, args: &[&str]) -> (u16, String) {
-    let mut cmd = match uid {
-        Some(u) => {
-            let mut c = Command::new("setpriv");
-            c.args([
-                format!("--reuid={u}"),
-                format!("--regid={u}"),
-                "--clear-groups".into(),
-                "curl".into(),
-            ]);
-            c
-        }
-        None => Command::new("curl"),
-    };
-    let out = cmd
-        .args(["-sS", "--max-time", "20", "-w", "\n%{http_code}"])
-        .args(args)
-        .env_remove("http_proxy")
-        .env_remove("HTTP_PROXY")
-        .env_remove("all_proxy")
-        .output()
-        .expect("run curl");
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
-    (code.trim().parse().unwrap_or(0), body.to_owned())
 }
 
 fn imds_token_as(uid: Option<u32>, addr: SocketAddr) -> (u16, String) {

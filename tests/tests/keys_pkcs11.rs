@@ -431,14 +431,7 @@ fn softhsm_keygen_makes_non_extractable_keys_and_valid_csrs() {
         );
     }
     // pkcs11-tool's view of the objects.
-    let out = hsm
-        .command("pkcs11-tool")
-        .args(["--module", SOFTHSM_MODULE, "--token-label", TOKEN])
-        .args(["--login", "--pin", PIN, "--list-objects"])
-        .output()
-        .unwrap();
-    assert!(out.status.success());
-    let listing = String::from_utf8_lossy(&out.stdout);
+    let listing = list_objects(&hsm);
     for label in ["gen-ec", "gen-rsa"] {
         let private = listing
             .split("Private Key Object")
@@ -552,14 +545,7 @@ fn softhsm_rotation_key_same_label_new_id_then_exact_destroy() {
     );
     // pkcs11-tool's view: under the label `device` only the new key's pair is left.
     let new_id = std::fs::read_to_string(&new_id_out).unwrap();
-    let out = hsm
-        .command("pkcs11-tool")
-        .args(["--module", SOFTHSM_MODULE, "--token-label", TOKEN])
-        .args(["--login", "--pin", PIN, "--list-objects"])
-        .output()
-        .unwrap();
-    assert!(out.status.success());
-    let listing = String::from_utf8_lossy(&out.stdout);
+    let listing = list_objects(&hsm);
     let objects: Vec<&str> = listing
         .split("Object;")
         .filter(|b| b.contains("label:      device\n"))
@@ -931,4 +917,16 @@ fn child_softhsm_pin_changed_under_a_running_key_is_tried_once() {
         let err = signer.sign(b"hello").unwrap_err();
         assert!(err.to_string().contains("wrong PIN"), "{err}");
     }
+}
+
+/// `pkcs11-tool --list-objects` of the test token, logged in.
+fn list_objects(hsm: &SoftHsm) -> String {
+    let out = hsm
+        .command("pkcs11-tool")
+        .args(["--module", SOFTHSM_MODULE, "--token-label", TOKEN])
+        .args(["--login", "--pin", PIN, "--list-objects"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }

@@ -459,36 +459,34 @@ async fn broker_closing_the_connection_mid_call_names_the_topic() {
     session.close().await;
 }
 
-#[tokio::test]
-async fn untrusted_broker_certificate_is_a_tls_error() {
-    let s = Setup::new().await;
-    let tls = tls(&s.pki.untrusted_ca_cert, &s.pki.device_ec);
+/// Connects with `tls`, which must fail at the TLS layer (exit 4); returns the message.
+async fn tls_failure(s: &Setup, tls: Arc<ClientConfig>) -> String {
     let e = MqttSession::connect(&s.target(BOUND), tls)
         .await
         .unwrap_err();
     assert!(matches!(e, MqttError::Tls(_)), "{e:?}");
-    let msg = e.to_string();
+    assert_eq!(e.exit(), Exit::Transient);
+    e.to_string()
+}
+
+#[tokio::test]
+async fn untrusted_broker_certificate_is_a_tls_error() {
+    let s = Setup::new().await;
+    let msg = tls_failure(&s, tls(&s.pki.untrusted_ca_cert, &s.pki.device_ec)).await;
     assert!(
         msg.contains("not trusted") && msg.contains("[provision] ca"),
         "{msg}"
     );
-    assert_eq!(e.exit(), Exit::Transient);
 }
 
 #[tokio::test]
 async fn client_certificate_the_broker_does_not_trust_is_a_tls_error() {
     let s = Setup::new().await;
-    let tls = tls(&s.pki.ca_cert, &s.pki.untrusted_device);
-    let e = MqttSession::connect(&s.target(BOUND), tls)
-        .await
-        .unwrap_err();
-    assert!(matches!(e, MqttError::Tls(_)), "{e:?}");
-    let msg = e.to_string();
+    let msg = tls_failure(&s, tls(&s.pki.ca_cert, &s.pki.untrusted_device)).await;
     assert!(
         msg.contains("rejected the client certificate") && msg.contains("ACTIVE"),
         "{msg}"
     );
-    assert_eq!(e.exit(), Exit::Transient);
 }
 
 #[tokio::test]

@@ -8,13 +8,13 @@ use std::time::{Duration, Instant};
 
 use iotcred_tests::agent::{iotcred_bin, poll};
 use iotcred_tests::fakeiot::device::{
-    DeviceEnv, SERIAL, THING_NAME, cert_public_key, softhsm_private_keys, softhsm_public_key,
+    DeviceEnv, HSM_PIN, HSM_TOKEN, SERIAL, THING_NAME, cert_public_key, softhsm_private_keys,
+    softhsm_public_key,
 };
 use iotcred_tests::fakeiot::{
     CSR_TOPIC, CertStatus, FLEET_TEMPLATE, FakeIotOptions, Step, StepFault, provision_topic,
 };
 use iotcred_tests::hostile;
-use iotcred_tests::softhsm::SoftHsm;
 
 const LIMIT: Duration = Duration::from_secs(60);
 
@@ -114,27 +114,21 @@ fn provision_with_a_pem_key_then_run_serves() {
 #[test]
 fn provision_with_the_key_generated_in_softhsm() {
     let mut d = DeviceEnv::new();
-    let hsm = SoftHsm::new().expect("SoftHSM");
-    hsm.init_token("iotcred", "1234", "5678").unwrap();
-    let pin = hsm.write_pin_file("pin", "1234").unwrap();
-    for (k, v) in hsm.env() {
-        d.env.env(&k, &v.to_string_lossy());
-    }
-    let uri = hsm.uri("iotcred", "device", &pin);
+    let (hsm, uri) = d.softhsm_key();
     let config = d.config(&format!("key = \"{uri}\"\nalgorithm = \"ec-p256\""), "");
     let out = d.provision(&config);
     assert_eq!(out.code, 0, "{}", out.stderr);
     let id = assert_provisioned(&d);
     assert!(id.key.starts_with("pkcs11:"), "{}", id.key);
     // One key object: sensitive, never extractable.
-    let keys = softhsm_private_keys(&hsm, "iotcred", "1234");
+    let keys = softhsm_private_keys(&hsm, HSM_TOKEN, HSM_PIN);
     assert_eq!(keys.len(), 1, "{keys:?}");
     assert_eq!(keys[0].label, "device");
     assert!(keys[0].access.contains("sensitive"), "{keys:?}");
     assert!(keys[0].access.contains("never extractable"), "{keys:?}");
     // The responder verified the CSR's signature (rcgen refuses a bad one: InvalidCSR) and
     // signed the token's public key.
-    let spki = softhsm_public_key(&hsm, "iotcred", "1234", &keys[0].id);
+    let spki = softhsm_public_key(&hsm, HSM_TOKEN, HSM_PIN, &keys[0].id);
     assert_eq!(cert_public_key(&id.certificate), spki);
     assert_serves(&d, &config);
     d.assert_no_secrets();

@@ -5,18 +5,17 @@
 
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::Path;
-use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use iotcred_tests::agent::{Agent, poll};
 use iotcred_tests::fakeiot::device::{
-    DeviceEnv, THING_NAME, cert_public_key, softhsm_private_keys, softhsm_public_key,
+    DeviceEnv, HSM_PIN, HSM_TOKEN, THING_NAME, cert_public_key, softhsm_private_keys,
+    softhsm_public_key,
 };
 use iotcred_tests::fakeiot::{CertStatus, Step, StepFault};
 use iotcred_tests::hostile;
-use iotcred_tests::softhsm::SoftHsm;
 
 const LIMIT: Duration = Duration::from_secs(60);
 const DAY: i64 = 86_400;
@@ -289,38 +288,10 @@ fn identity_jobs_are_refused_to_other_users() {
     std::fs::write(&config, text).unwrap();
     let agent = start(&d, &config);
     let before = d.registry.counters();
+    let socket_arg = socket.display().to_string();
     let curl = |uid: Option<u32>, method: &str, path: &str| {
-        let mut cmd = match uid {
-            Some(u) => {
-                let mut c = Command::new("setpriv");
-                c.args([
-                    format!("--reuid={u}"),
-                    format!("--regid={u}"),
-                    "--clear-groups".into(),
-                    "curl".into(),
-                ]);
-                c
-            }
-            None => Command::new("curl"),
-        };
-        let out = cmd
-            .args([
-                "-sS",
-                "--max-time",
-                "30",
-                "-w",
-                "\n%{http_code}",
-                "-X",
-                method,
-            ])
-            .arg("--unix-socket")
-            .arg(&socket)
-            .arg(format!("http://localhost{path}"))
-            .output()
-            .expect("run curl");
-        let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
-        (code.trim().parse::<u16>().unwrap_or(0), body.to_owned())
+        let url = format!("http://localhost{path}");
+        hostile::curl_as(uid, &["-X", method, "--unix-socket", &socket_arg, &url])
     };
     let (status, body) = curl(Some(65534), "POST", "/v1/identity/rotate?force=true");
     assert_eq!(status, 403, "{body}");
@@ -426,16 +397,10 @@ fn a_failing_step_leaves_the_old_identity_serving() {
 #[test]
 fn rotation_with_the_key_in_softhsm_destroys_the_old_key_object() {
     let mut d = DeviceEnv::new();
-    let hsm = SoftHsm::new().expect("SoftHSM");
-    hsm.init_token("iotcred", "1234", "5678").unwrap();
-    let pin = hsm.write_pin_file("pin", "1234").unwrap();
-    for (k, v) in hsm.env() {
-        d.env.env(&k, &v.to_string_lossy());
-    }
-    let uri = hsm.uri("iotcred", "device", &pin);
+    let (hsm, uri) = d.softhsm_key();
     let config = provisioned(&d, &format!("key = \"{uri}\""), 30, 365);
     let old = d.identity().unwrap();
-    let keys = softhsm_private_keys(&hsm, "iotcred", "1234");
+    let keys = softhsm_private_keys(&hsm, HSM_TOKEN, HSM_PIN);
     assert_eq!(keys.len(), 1, "{keys:?}");
     let old_id = keys[0].id.clone();
 
@@ -447,14 +412,14 @@ fn rotation_with_the_key_in_softhsm_destroys_the_old_key_object() {
         "{}",
         new.key
     );
-    let keys = softhsm_private_keys(&hsm, "iotcred", "1234");
+    let keys = softhsm_private_keys(&hsm, HSM_TOKEN, HSM_PIN);
     assert_eq!(keys.len(), 1, "old key object destroyed: {keys:?}");
     assert_eq!(keys[0].label, "device", "same label");
     assert_ne!(keys[0].id, old_id, "new CKA_ID");
     assert!(keys[0].access.contains("never extractable"), "{keys:?}");
     assert_eq!(
         cert_public_key(&new.certificate),
-        softhsm_public_key(&hsm, "iotcred", "1234", &keys[0].id)
+        softhsm_public_key(&hsm, HSM_TOKEN, HSM_PIN, &keys[0].id)
     );
     assert_ne!(new.certificate, old.certificate);
     assert!(

@@ -16,6 +16,10 @@ use crate::agent::{Env, Output};
 pub const SERIAL: &str = "0042";
 /// The thing [`SERIAL`] becomes.
 pub const THING_NAME: &str = "gw-0042";
+/// The SoftHSM token of [`DeviceEnv::softhsm_key`].
+pub const HSM_TOKEN: &str = "iotcred";
+/// Its user PIN.
+pub const HSM_PIN: &str = "1234";
 
 /// `<state_dir>/identity.toml` (SPEC §8).
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
@@ -47,6 +51,19 @@ pub struct DeviceEnv {
 }
 
 impl DeviceEnv {
+    /// A SoftHSM token [`HSM_TOKEN`] (user PIN [`HSM_PIN`]) whose environment the agent gets,
+    /// and the `pkcs11:` URI of the key labelled `device` in it (not made yet).
+    pub fn softhsm_key(&mut self) -> (crate::softhsm::SoftHsm, String) {
+        let hsm = crate::softhsm::SoftHsm::new().expect("SoftHSM");
+        hsm.init_token(HSM_TOKEN, HSM_PIN, "5678").unwrap();
+        let pin = hsm.write_pin_file("pin", HSM_PIN).unwrap();
+        for (k, v) in hsm.env() {
+            self.env.env(&k, &v.to_string_lossy());
+        }
+        let uri = hsm.uri(HSM_TOKEN, "device", &pin);
+        (hsm, uri)
+    }
+
     /// Default fake IoT.
     pub fn new() -> DeviceEnv {
         DeviceEnv::with_options(FakeIotOptions::default())
@@ -239,8 +256,9 @@ pub struct P11Key {
     pub access: String,
 }
 
-/// The private keys in SoftHSM token `token` (OpenSC's `pkcs11-tool`, user PIN `pin`).
-pub fn softhsm_private_keys(hsm: &crate::softhsm::SoftHsm, token: &str, pin: &str) -> Vec<P11Key> {
+/// Runs OpenSC's `pkcs11-tool` logged in to SoftHSM token `token` with user PIN `pin`, with
+/// `args`; asserts success and returns its standard output.
+fn pkcs11_tool(hsm: &crate::softhsm::SoftHsm, token: &str, pin: &str, args: &[&str]) -> Vec<u8> {
     let out = hsm
         .command("pkcs11-tool")
         .args([
@@ -248,24 +266,27 @@ pub fn softhsm_private_keys(hsm: &crate::softhsm::SoftHsm, token: &str, pin: &st
             crate::softhsm::SOFTHSM_MODULE,
             "--token-label",
             token,
-        ])
-        .args([
             "--login",
             "--pin",
             pin,
-            "--list-objects",
-            "--type",
-            "privkey",
         ])
+        .args(args)
         .output()
         .expect("pkcs11-tool");
     assert!(
         out.status.success(),
-        "pkcs11-tool: {}",
+        "pkcs11-tool {}: {}",
+        args.join(" "),
         String::from_utf8_lossy(&out.stderr)
     );
+    out.stdout
+}
+
+/// The private keys in SoftHSM token `token` (OpenSC's `pkcs11-tool`, user PIN `pin`).
+pub fn softhsm_private_keys(hsm: &crate::softhsm::SoftHsm, token: &str, pin: &str) -> Vec<P11Key> {
+    let out = pkcs11_tool(hsm, token, pin, &["--list-objects", "--type", "privkey"]);
     let mut keys: Vec<P11Key> = Vec::new();
-    for line in String::from_utf8_lossy(&out.stdout).lines() {
+    for line in String::from_utf8_lossy(&out).lines() {
         if line.starts_with("Private Key Object") {
             keys.push(P11Key::default());
             continue;
@@ -290,30 +311,10 @@ pub fn softhsm_public_key(
     pin: &str,
     id_hex: &str,
 ) -> Vec<u8> {
-    let out = hsm
-        .command("pkcs11-tool")
-        .args([
-            "--module",
-            crate::softhsm::SOFTHSM_MODULE,
-            "--token-label",
-            token,
-        ])
-        .args([
-            "--login",
-            "--pin",
-            pin,
-            "--read-object",
-            "--type",
-            "pubkey",
-            "--id",
-            id_hex,
-        ])
-        .output()
-        .expect("pkcs11-tool");
-    assert!(
-        out.status.success(),
-        "pkcs11-tool --read-object: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out.stdout
+    pkcs11_tool(
+        hsm,
+        token,
+        pin,
+        &["--read-object", "--type", "pubkey", "--id", id_hex],
+    )
 }
